@@ -1,0 +1,1 @@
+"""The `mergetune` command line: thin commands over the subpackages."""

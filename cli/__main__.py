@@ -1,0 +1,3 @@
+from mergetune.cli.main import main
+
+main()

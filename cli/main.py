@@ -1,0 +1,49 @@
+"""Entry point of the `mergetune` CLI; each area registers its own commands here.
+
+Heavy libraries (torch, ray, lm-eval) are imported inside the commands, so `--help`
+and config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from mergetune.core.errors import MergetuneError
+
+app = typer.Typer(
+    name="mergetune",
+    help="Auto-tune LLM model merges: search per-layer merge recipes, score them, export the best.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+# --- command registration (one line per area) ---
+# --- end of command registration ---
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one red line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except MergetuneError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

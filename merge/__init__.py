@@ -1,0 +1,1 @@
+"""Pure tensor math of merging (methods, sparsifiers) and the streaming merge engine."""

@@ -1,0 +1,29 @@
+"""Merge methods, one small module each, registered by name on import.
+
+Use `get_method(name)(inputs, **params)`; see `registry.py` for the calling convention.
+"""
+
+from mergetune.merge.methods.registry import (
+    MethodSpec,
+    PerModel,
+    TensorInputs,
+    get_method,
+    method_names,
+    per_model,
+    register,
+    tensor_generator,
+)
+
+# Importing a method module registers it.
+from mergetune.merge.methods import linear  # noqa: E402,F401
+
+__all__ = [
+    "MethodSpec",
+    "PerModel",
+    "TensorInputs",
+    "get_method",
+    "method_names",
+    "per_model",
+    "register",
+    "tensor_generator",
+]

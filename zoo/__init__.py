@@ -1,0 +1,1 @@
+"""The miniature capability zoo: a base LLM and per-capability SFT experts trained on CPU in minutes."""
