@@ -1,0 +1,196 @@
+"""The study config: one YAML file says which models, which search space, how to score and where to store.
+
+    study: demo
+    zoo: zoo-demo                # or `models:` + `evaluator:` spelled out
+    search: {layer_groups: 4, methods: [linear, task_arithmetic, ties, dare_ties, ota]}
+    sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
+    budget: {n_trials: 60}
+    ray: {workers: 2, cpus_per_worker: 1}
+
+Every section has sound defaults; unknown keys are rejected with the allowed ones named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mergetune.core.config import load_yaml, validate_model
+from mergetune.core.errors import ConfigError
+
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "weight": (0.0, 1.0),
+    "lambda": (0.2, 1.5),
+    "density": (0.1, 1.0),
+    "t": (0.0, 1.0),
+    "gamma": (0.0, 0.1),
+    "epsilon": (0.0, 0.2),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    base: str = Field(description="base model directory (or hub id)")
+    experts: dict[str, str] = Field(min_length=1, description="expert name → fine-tune directory (or hub id)")
+    moments: dict[str, str] = Field(default_factory=dict, description="expert → Adam second-moment safetensors")
+    fisher: dict[str, str] = Field(default_factory=dict, description="expert → diagonal Fisher safetensors")
+    gram: dict[str, str] = Field(default_factory=dict, description="expert → RegMean Gram safetensors")
+
+    @model_validator(mode="after")
+    def _statistics_name_experts(self) -> ModelsConfig:
+        if "base" in self.experts:
+            raise ValueError("experts: 'base' names the base model; call the expert something else")
+        for kind in ("moments", "fisher", "gram"):
+            unknown = sorted(set(getattr(self, kind)) - set(self.experts))
+            if unknown:
+                raise ValueError(f"{kind}: {unknown[0]!r} is not an expert; experts: {', '.join(self.experts)}")
+        return self
+
+
+class SearchConfig(_Strict):
+    layer_groups: int = Field(default=4, ge=1, description="G: consecutive transformer layers split into G groups")
+    split_attention_mlp: bool = Field(default=False, description="attention and MLP of a group choose separately")
+    separate_embeddings: bool = Field(
+        default=True, description="embeddings, final norm and head form their own group (else they follow group 0)"
+    )
+    methods: list[str] | None = Field(
+        default=None, description="merge methods a group may choose (default: the classics, plus ota with moments)"
+    )
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="param name → [low, high]; a method param is searched iff it has a range"
+    )
+    per_expert: list[str] = Field(
+        default_factory=lambda: ["density"], description="per-model params searched with one value per expert"
+    )
+    shared: list[str] = Field(default_factory=list, description="params (or `weight`) shared by all groups")
+
+    @field_validator("ranges")
+    @classmethod
+    def _ordered(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (low, high) in value.items():
+            if not low <= high:
+                raise ValueError(f"{name}: range must be [low, high] with low <= high")
+        return value
+
+    def range_of(self, param: str) -> tuple[float, float] | None:
+        return self.ranges.get(param, DEFAULT_RANGES.get(param))
+
+
+class ObjectiveConfig(_Strict):
+    name: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+    weight: float = Field(default=1.0, description="weight in the scalarised view (best-so-far, single pick)")
+
+
+class M3PriorConfig(_Strict):
+    alpha: float = Field(default=0.5, gt=0, description="Beta(α,α) / Dirichlet(α,…,α) concentration")
+    n_startup: int = Field(default=16, ge=0, description="trials (by number, warm start included) drawn from the prior")
+
+
+class SamplerConfig(_Strict):
+    name: Literal["tpe", "nsga2", "cmaes", "gp", "random"] = "tpe"
+    m3_prior: M3PriorConfig | None = Field(default_factory=M3PriorConfig, description="null turns the prior off")
+    population_size: int = Field(default=16, ge=2, description="NSGA-II population")
+
+
+class BudgetConfig(_Strict):
+    n_trials: int | None = Field(default=None, ge=1, description="COMPLETE trials to reach")
+    timeout: float | None = Field(default=None, gt=0, description="seconds of this run before no new trial starts")
+    max_consecutive_failures: int = Field(default=10, ge=1, description="stop when this many trials in a row fail")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("give n_trials and/or timeout")
+        return self
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(default=None, description="join this cluster (e.g. 'auto', 'ray://head:10001')")
+    workers: int = Field(default=1, ge=1, description="actors, i.e. trials in flight")
+    cpus_per_worker: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0, description="1 places one actor per GPU")
+    device: str | None = Field(default=None, description="torch device of the workers (default: cuda with GPUs)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+
+
+class StudyConfig(_Strict):
+    study: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="study name (also the default storage file name)")
+    zoo: str | None = Field(default=None, description="a zoo directory: fills models, moments and a quick evaluator")
+    models: ModelsConfig | None = None
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    objectives: list[ObjectiveConfig] | None = Field(
+        default=None, description="default: every objective the evaluator reports, maximized"
+    )
+    evaluator: dict[str, Any] | None = Field(default=None, description="the evaluator config (`kind: quick|lm_eval`)")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(n_trials=50))
+    storage: str | None = Field(default=None, description="SQLAlchemy URL or journal:///path; default sqlite under studies/")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    seed: int = 0
+    warm_start: bool = True
+
+    @model_validator(mode="after")
+    def _complete(self) -> StudyConfig:
+        if self.models is None:
+            raise ValueError("models: give `models:` (base + experts) or `zoo:`")
+        if self.evaluator is None:
+            raise ValueError("evaluator: give `evaluator:` or `zoo:`")
+        if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
+            raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
+        return self
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or default_storage(self.study)
+
+    @property
+    def experts(self) -> list[str]:
+        assert self.models is not None
+        return list(self.models.experts)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def default_storage(study: str) -> str:
+    return f"sqlite:///studies/{study}.db"
+
+
+def _expand_zoo(data: dict, source: str) -> dict:
+    """`zoo: PATH` → models (base, experts, moments) and a quick evaluator over the zoo's tasks."""
+    zoo = Path(data["zoo"])
+    if not (zoo / "base").is_dir() or not (zoo / "experts").is_dir():
+        raise ConfigError(f"{source}: zoo: {zoo} is not a zoo (no base/ and experts/); build one with `mergetune zoo build`")
+    data = dict(data)
+    if "models" not in data:
+        experts = {d.name: str(d) for d in sorted((zoo / "experts").iterdir()) if d.is_dir()}
+        moments = {
+            name: str(Path(path) / "adam_second_moments.safetensors")
+            for name, path in experts.items()
+            if (Path(path) / "adam_second_moments.safetensors").is_file()
+        }
+        data["models"] = {"base": str(zoo / "base"), "experts": experts, "moments": moments}
+    if "evaluator" not in data:
+        data["evaluator"] = {"kind": "quick", "zoo": str(zoo)}
+    return data
+
+
+def parse_study_config(data: object, source: str) -> StudyConfig:
+    if isinstance(data, dict) and data.get("zoo") is not None:
+        data = _expand_zoo(data, source)
+    return validate_model(StudyConfig, data, source)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read a study YAML; any problem is a one-line ConfigError naming the field."""
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study config is a mapping (study:, models:, search:, ...)")
+    return parse_study_config(data, str(path))

@@ -1,0 +1,418 @@
+"""The study driver: an ask/tell loop over a pool of Ray actors, with no generation barrier.
+
+As soon as one trial finishes, it is told to Optuna and the next is asked and dispatched
+to the freed actor. The Optuna storage is the single source of truth: recipe, scores,
+timings, node and versions of every trial live in its user attrs; the study config lives in
+the study's user attrs, so `resume` needs only the study name and storage.
+
+Failures: a trial whose merge/eval raises or scores NaN → FAIL with `fail_reason`; a worker
+process that dies → its trial FAIL, the actor replaced, the params re-enqueued once
+(`retry_of`); trials left RUNNING by a killed driver → FAIL and re-enqueued on the next
+start; Ctrl-C → no new trials, in-flight ones finish (a second Ctrl-C marks them FAIL and
+re-enqueues them). The budget counts COMPLETE trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mergetune.core.errors import ConfigError, MergetuneError
+from mergetune.search.config import ObjectiveConfig, StudyConfig, parse_study_config
+from mergetune.search.samplers import make_sampler
+from mergetune.search.space import SearchSpace
+from mergetune.search.warmstart import enqueue_baselines
+
+log = logging.getLogger(__name__)
+
+
+# --- storage ---
+def open_storage(url: str) -> optuna.storages.BaseStorage | str:
+    """`journal:///path` → a JournalStorage file; anything else is an SQLAlchemy URL."""
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(storage_url), sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        raise ConfigError(f"no study {name!r} in {storage_url}; check --study and --storage") from None
+
+
+def stored_config(study: optuna.Study) -> StudyConfig:
+    data = study.user_attrs.get("config")
+    if data is None:
+        raise ConfigError(f"study {study.study_name!r} was not created by mergetune (no config in its user attrs)")
+    return parse_study_config(data, f"study {study.study_name} config")
+
+
+def stored_objectives(study: optuna.Study) -> list[ObjectiveConfig]:
+    return [ObjectiveConfig.model_validate(o) for o in study.user_attrs.get("objectives", [])]
+
+
+def scalarised(values: list[float], objectives: list[ObjectiveConfig]) -> float:
+    """The weighted view of a trial: Σ weight · value, minimised objectives counted negative."""
+    return sum(o.weight * (v if o.direction == "maximize" else -v) for v, o in zip(values, objectives))
+
+
+# --- Ray ---
+def connect_ray(config: StudyConfig, workers: int) -> bool:
+    """Join the configured cluster or start a local one; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.ray.address:
+        ray.init(address=config.ray.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers * config.ray.cpus_per_worker, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+@dataclass
+class WorkerPool:
+    """`size` actors of `worker_cls`, each reserving the configured CPUs/GPUs; dead ones are replaced."""
+
+    worker_cls: type
+    config: StudyConfig
+    size: int
+    actors: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import ray
+
+        self._remote = ray.remote(self.worker_cls).options(
+            num_cpus=self.config.ray.cpus_per_worker,
+            num_gpus=self.config.ray.gpus_per_worker,
+            resources=self.config.ray.resources or None,
+            max_restarts=0,
+            max_concurrency=1,
+        )
+        self.actors = [self._start() for _ in range(self.size)]
+
+    def _start(self):
+        return self._remote.remote(self.config.model_dump_json())
+
+    def replace(self, slot: int) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._start()
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+
+def resolve_objectives(config: StudyConfig, pool: WorkerPool) -> list[ObjectiveConfig]:
+    """The configured objectives, checked against what the evaluator reports (or all of them)."""
+    import ray
+
+    try:
+        reported = ray.get(pool.actors[0].objectives.remote())
+    except ray.exceptions.RayActorError as exc:
+        raise MergetuneError(f"the first worker failed to start: {exc}") from None
+    if config.objectives is None:
+        return [ObjectiveConfig(name=name, direction=direction) for name, direction in reported]
+    names = [name for name, _ in reported]
+    for objective in config.objectives:
+        if objective.name not in names:
+            raise ConfigError(f"objectives: the evaluator reports no {objective.name!r}; it reports {', '.join(names)}")
+    return config.objectives
+
+
+# --- the study ---
+def prepare_study(config: StudyConfig, objectives: list[ObjectiveConfig], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    directions = [o.direction for o in objectives]
+    study = optuna.create_study(
+        study_name=config.study,
+        storage=open_storage(config.storage_url),
+        sampler=sampler,
+        directions=directions,
+        load_if_exists=True,
+    )
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"study {config.study!r} exists with other objectives; choose another study name")
+    study.set_user_attr("config", config.model_dump(mode="json"))
+    study.set_user_attr("objectives", [o.model_dump() for o in objectives])
+    return study
+
+
+def recover_orphans(study: optuna.Study) -> int:
+    """Trials left RUNNING by a driver that died → FAIL, their params re-enqueued; returns how many."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in orphans:
+        study._storage.set_trial_user_attr(frozen._trial_id, "fail_reason", "left RUNNING by a driver that stopped")
+        study.tell(frozen.number, state=TrialState.FAIL)
+        requeue(study, frozen.params, frozen.user_attrs, frozen.number)
+    if orphans:
+        log.warning("marked %d trial(s) left RUNNING as FAIL and re-enqueued them", len(orphans))
+    return len(orphans)
+
+
+def requeue(study: optuna.Study, params: dict, user_attrs: dict, number: int) -> None:
+    attrs = {"retry_of": number}
+    if "baseline" in user_attrs:
+        attrs["baseline"] = user_attrs["baseline"]
+    study.enqueue_trial(params, user_attrs=attrs)
+
+
+def count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+@dataclass
+class InFlight:
+    trial: optuna.Trial
+    slot: int
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[threading.Event]:
+    """First Ctrl-C sets the flag (finish in-flight trials); a second one raises KeyboardInterrupt."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_sigint(signum, frame):  # noqa: ARG001
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Driver:
+    """Runs one study to its budget on a worker pool; see the module docstring for failure rules."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, pool: WorkerPool, objectives: list[ObjectiveConfig], config: StudyConfig, console: Console) -> None:
+        self.study = study
+        self.space = space
+        self.pool = pool
+        self.objectives = objectives
+        self.config = config
+        self.console = console
+        self.in_flight: dict[object, InFlight] = {}
+        self.consecutive_failures = 0
+        self.last_failure = ""
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        log.warning("trial %d failed: %s", trial.number, reason)
+        trial.set_user_attr("fail_reason", reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.consecutive_failures += 1
+        self.last_failure = reason
+
+    def _retry_once(self, trial: optuna.Trial) -> None:
+        if "retry_of" not in trial.user_attrs:
+            requeue(self.study, trial.params, trial.user_attrs, trial.number)
+
+    def _dispatch(self, slot: int) -> bool:
+        """Ask a trial and send it to the actor in `slot`; False if it failed before dispatch."""
+        trial = self.study.ask()
+        try:
+            recipe = self.space.recipe(trial)
+        except (MergetuneError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            self._fail(trial, f"invalid recipe: {exc}")
+            return False
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("seed", recipe.seed)
+        ref = self.pool.actors[slot].run.remote(recipe.to_dict(), recipe.seed)
+        self.in_flight[ref] = InFlight(trial, slot)
+        return True
+
+    def _finish(self, ref: object) -> int:
+        """Tell the trial behind `ref` (COMPLETE or FAIL); returns the freed actor slot."""
+        import ray
+
+        job = self.in_flight.pop(ref)
+        trial = job.trial
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self.pool.replace(job.slot)
+            self._fail(trial, f"worker died: {str(exc).splitlines()[0]}")
+            self._retry_once(trial)
+            return job.slot
+        except ray.exceptions.RayTaskError as exc:
+            self._fail(trial, f"worker error: {str(exc).splitlines()[0]}")
+            return job.slot
+        for key in ("node_id", "gpu_ids", "pid", "versions", "timings", "scores"):
+            if key in result:
+                trial.set_user_attr(key, result[key])
+        trial.set_user_attr("worker", job.slot)
+        if "error" in result:
+            self._fail(trial, str(result["error"]))
+            return job.slot
+        scores = result["scores"]
+        missing = [o.name for o in self.objectives if o.name not in scores]
+        if missing:
+            self._fail(trial, f"the evaluator reported no score for {missing[0]}")
+            return job.slot
+        values = [float(scores[o.name]) for o in self.objectives]
+        if not all(math.isfinite(v) for v in values):
+            self._fail(trial, "non-finite score")
+            return job.slot
+        self.study.tell(trial, values)
+        self.consecutive_failures = 0
+        return job.slot
+
+    def _abandon_in_flight(self) -> None:
+        for job in self.in_flight.values():
+            self._fail(job.trial, "interrupted")
+            requeue(self.study, job.trial.params, job.trial.user_attrs, job.trial.number)
+        self.in_flight.clear()
+
+    def _best_text(self) -> str:
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not done:
+            return "best: -"
+        best = max(done, key=lambda t: scalarised(t.values, self.objectives))
+        return f"best {scalarised(best.values, self.objectives):.4f} (#{best.number})"
+
+    def run(self, n_trials: int | None, timeout: float | None) -> None:
+        import ray
+
+        free = list(range(self.pool.size))
+        deadline = time.monotonic() + timeout if timeout else None
+        limit = self.config.budget.max_consecutive_failures
+        complete = count(self.study, TrialState.COMPLETE)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        with progress, interrupt_flag() as interrupted:
+            task = progress.add_task(self.study.study_name, total=n_trials, completed=complete, status="")
+            try:
+                while True:
+                    while free and not self._stop_dispatching(complete, n_trials, deadline, interrupted, limit):
+                        slot = free.pop(0)
+                        if not self._dispatch(slot):
+                            free.append(slot)
+                    if not self.in_flight:
+                        break
+                    ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
+                    for ref in ready:
+                        free.append(self._finish(ref))
+                    complete = count(self.study, TrialState.COMPLETE)
+                    status = f"failed {count(self.study, TrialState.FAIL)}  {self._best_text()}"
+                    if interrupted.is_set():
+                        status += f"  [yellow]stopping: {len(self.in_flight)} in flight (Ctrl-C again to abandon)"
+                    progress.update(task, completed=complete, status=status)
+            except KeyboardInterrupt:
+                self._abandon_in_flight()
+        if self.consecutive_failures >= limit:
+            raise MergetuneError(
+                f"stopped after {limit} failed trials in a row; last reason: {self.last_failure}"
+            )
+
+    def _stop_dispatching(self, complete: int, n_trials: int | None, deadline: float | None, interrupted: threading.Event, limit: int) -> bool:
+        if interrupted.is_set() or self.consecutive_failures >= limit:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return True
+        return n_trials is not None and complete + len(self.in_flight) >= n_trials
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    console: Console | None = None,
+    worker_cls: type | None = None,
+) -> optuna.Study:
+    """Create or continue the study `config.study` and run it to its budget; returns the study."""
+    import ray
+
+    from mergetune.search.workers import TrialWorker, load_modelset
+
+    console = console or Console()
+    space = SearchSpace(config)
+    if worker_cls is None:
+        load_modelset(config)  # names/shapes/statistics checked before any worker starts
+        worker_cls = TrialWorker
+    workers = config.ray.workers
+    started_ray = connect_ray(config, workers)
+    pool = None
+    try:
+        pool = WorkerPool(worker_cls, config, workers)
+        objectives = resolve_objectives(config, pool)
+        sampler = make_sampler(config.sampler, config.experts, config.seed, len(objectives))
+        study = prepare_study(config, objectives, sampler)
+        recover_orphans(study)
+        if config.warm_start:
+            enqueue_baselines(study, space)
+        Driver(study, space, pool, objectives, config, console).run(config.budget.n_trials, config.budget.timeout)
+        return study
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def method_summary(methods: list[str]) -> str:
+    """Methods of consecutive groups, runs collapsed: `ties×3 linear`."""
+    runs: list[list] = []
+    for method in methods:
+        if runs and runs[-1][0] == method:
+            runs[-1][1] += 1
+        else:
+            runs.append([method, 1])
+    return " ".join(m if n == 1 else f"{m}×{n}" for m, n in runs)
+
+
+def front_table(study: optuna.Study, objectives: list[ObjectiveConfig]) -> Table:
+    """The Pareto-optimal trials: per-objective scores and the methods per layer group."""
+    table = Table(title=f"Pareto front of {study.study_name}")
+    table.add_column("trial", justify="right")
+    table.add_column("baseline")
+    for o in objectives:
+        table.add_column(f"{o.name} ({'↑' if o.direction == 'maximize' else '↓'})", justify="right")
+    table.add_column("methods per group")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return table
+    for trial in sorted(study.best_trials, key=lambda t: -scalarised(t.values, objectives)):
+        methods = [v for k, v in trial.params.items() if k.endswith(".method")]
+        table.add_row(
+            str(trial.number),
+            str(trial.user_attrs.get("baseline", "")),
+            *(f"{v:.4f}" for v in trial.values),
+            method_summary(methods),
+        )
+    return table

@@ -1,0 +1,197 @@
+"""The search space: an Optuna trial → a per-layer-group merge Recipe (define-by-run).
+
+Layers are split into G groups of consecutive layers (optionally attention and MLP apart,
+plus one group for embeddings, final norm and head). Per group, `"{group}.method"` is a
+categorical choice; only the chosen method's parameters are suggested, so they are
+conditional on it. Parameter names are stable across trials so TPE/NSGA-II can learn:
+
+    g0.method                  categorical over the allowed methods
+    g0.weight.<expert>         mixing weight (methods that weight experts); the M³ prior draws
+                               a group's weights jointly (see samplers.py)
+    g0.<method>.<param>        e.g. g0.ties.lambda, g0.slerp.t
+    g0.<method>.<param>.<e>    per-expert params, e.g. g0.ties.density.math
+    shared.*                   the same names without a group, for params in `search.shared`
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from mergetune.core.errors import ConfigError
+from mergetune.merge.methods import get_method, method_names
+from mergetune.merge.recipe import Recipe, Rule
+from mergetune.search.config import StudyConfig
+
+# Which method params the search tunes by default; the rest keep the method's default
+# (e.g. OTA's ε = 1e-30 must never be searched on a [0, 0.2] range).
+SEARCHED_PARAMS: dict[str, tuple[str, ...]] = {
+    "task_arithmetic": ("lambda",),
+    "ties": ("density", "lambda"),
+    "dare_ties": ("density", "lambda"),
+    "dare_linear": ("density", "lambda"),
+    "della": ("density", "epsilon", "lambda"),
+    "della_linear": ("density", "epsilon", "lambda"),
+    "breadcrumbs": ("density", "gamma", "lambda"),
+    "breadcrumbs_ties": ("density", "gamma", "lambda"),
+    "slerp": ("t",),
+    "ota": ("density",),
+}
+# Methods whose result does not depend on per-expert weights: no weight params for them.
+UNWEIGHTED_METHODS = frozenset({"slerp", "model_stock", "passthrough", "m3"})
+DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
+WEIGHT_PARAM = re.compile(r"^(?P<group>[^.]+)\.weight\.(?P<expert>.+)$")
+
+_ATTENTION = ["*.self_attn.*", "*.input_layernorm.*"]
+_MLP = ["*.mlp.*", "*.post_attention_layernorm.*"]
+
+
+def weight_param(group: str, expert: str) -> str:
+    return f"{group}.weight.{expert}"
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """One searched unit: a layer range (or none: embeddings/norm/head) and tensor-name patterns."""
+
+    name: str
+    layers: tuple[int, int] | None
+    match: tuple[str, ...]
+
+
+def num_layers(base_dir: str | Path) -> int:
+    """Transformer layers of the base model, from its config.json."""
+    path = Path(base_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found; models.base must be a model directory with config.json") from None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise ConfigError(f"{path}: no num_hidden_layers; cannot split layers into groups")
+
+
+def layer_groups(n_layers: int, groups: int, split_attention_mlp: bool, separate_embeddings: bool) -> list[LayerGroup]:
+    groups = min(groups, n_layers)
+    bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
+    out = []
+    for i in range(groups):
+        span = (bounds[i], bounds[i + 1])
+        if split_attention_mlp:
+            out.append(LayerGroup(f"g{i}a", span, tuple(_ATTENTION)))
+            out.append(LayerGroup(f"g{i}m", span, tuple(_MLP)))
+        else:
+            out.append(LayerGroup(f"g{i}", span, ("*",)))
+    if separate_embeddings:
+        out.append(LayerGroup("emb", None, ("*",)))
+    return out
+
+
+class SearchSpace:
+    """Builds a Recipe from an Optuna trial; also turns a named classic recipe into trial params."""
+
+    def __init__(self, config: StudyConfig, n_layers: int | None = None) -> None:
+        assert config.models is not None
+        self.search = config.search
+        self.models = {"base": config.models.base, **config.models.experts}
+        self.experts = list(config.models.experts)
+        self.seed = config.seed
+        has_moments = set(config.models.moments) == set(self.experts)
+        stats = {"moments": has_moments, "fisher": bool(config.models.fisher) or has_moments, "gram": bool(config.models.gram)}
+        self.methods = self._allowed_methods(self.search.methods, stats)
+        if n_layers is None:
+            n_layers = num_layers(config.models.base)
+        self.groups = layer_groups(
+            n_layers, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
+        )
+
+    def _allowed_methods(self, requested: list[str] | None, stats: dict[str, bool]) -> list[str]:
+        k = len(self.experts)
+        if requested is None:
+            candidates = [m for m in DEFAULT_METHODS if m in method_names()]
+            if stats["moments"] and "ota" in method_names():
+                candidates.append("ota")
+            if k == 2 and "slerp" in method_names():
+                candidates.append("slerp")
+            return candidates
+        for name in requested:
+            spec = get_method(name)  # unknown name → ConfigError listing the available ones
+            missing = sorted(kind for kind in spec.needs if not stats[kind])
+            if missing or (spec.any_of and not any(stats[kind] for kind in spec.any_of)):
+                need = missing[0] if missing else " or ".join(sorted(spec.any_of))
+                raise ConfigError(f"search.methods: '{name}' needs {need} statistics; add models.{need} or drop it")
+            if k < spec.min_models or (spec.max_models is not None and k > spec.max_models):
+                raise ConfigError(f"search.methods: '{name}' cannot merge {k} experts; drop it")
+        if not requested:
+            raise ConfigError("search.methods: give at least one method")
+        return list(requested)
+
+    # --- trial → recipe ---
+    def _prefix(self, group: str, param: str) -> str:
+        return "shared" if param in self.search.shared else group
+
+    def _range(self, param: str) -> tuple[float, float]:
+        found = self.search.range_of(param)
+        if found is None:
+            raise ConfigError(f"search.ranges: no range for {param!r}; add `{param}: [low, high]`")
+        return found
+
+    def searched_params(self, method: str) -> list[str]:
+        spec = get_method(method)
+        return [p for p in SEARCHED_PARAMS.get(method, ()) if p in spec.params]
+
+    def uses_weights(self, method: str) -> bool:
+        return method not in UNWEIGHTED_METHODS
+
+    def _suggest_rule(self, trial: optuna.Trial, group: LayerGroup) -> Rule:
+        method = trial.suggest_categorical(f"{group.name}.method", self.methods)
+        spec = get_method(method)
+        params: dict[str, float | dict[str, float]] = {}
+        for param in self.searched_params(method):
+            low, high = self._range(param)
+            name = f"{self._prefix(group.name, param)}.{method}.{param}"
+            if spec.params[param].per_model and param in self.search.per_expert:
+                params[param] = {e: trial.suggest_float(f"{name}.{e}", low, high) for e in self.experts}
+            else:
+                params[param] = trial.suggest_float(name, low, high)
+        weights = {}
+        if self.uses_weights(method):
+            low, high = self._range("weight")
+            prefix = self._prefix(group.name, "weight")
+            weights = {e: trial.suggest_float(weight_param(prefix, e), low, high) for e in self.experts}
+        return Rule(match=list(group.match), layers=group.layers, method=method, params=params, weights=weights)
+
+    def recipe(self, trial: optuna.Trial) -> Recipe:
+        rules = [self._suggest_rule(trial, group) for group in self.groups]
+        if not self.search.separate_embeddings:
+            # Embeddings, final norm and head follow group 0's choice.
+            rules.append(rules[0].model_copy(update={"match": ["*"], "layers": None}))
+        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number)
+
+    # --- classic recipes as params (warm start) ---
+    def uniform_params(self, method: str, overrides: dict[str, float]) -> dict[str, object]:
+        """Params that make every group use `method` with the method's defaults, `overrides`,
+        and equal weights 1.0 (clipped into the searched ranges)."""
+        spec = get_method(method)
+        params: dict[str, object] = {}
+        for group in self.groups:
+            params[f"{group.name}.method"] = method
+            for param in self.searched_params(method):
+                low, high = self._range(param)
+                value = float(overrides.get(param, spec.params[param].default))
+                value = min(max(value, low), high)
+                name = f"{self._prefix(group.name, param)}.{method}.{param}"
+                if spec.params[param].per_model and param in self.search.per_expert:
+                    params.update({f"{name}.{e}": value for e in self.experts})
+                else:
+                    params[name] = value
+            if self.uses_weights(method):
+                low, high = self._range("weight")
+                weight = min(max(1.0, low), high)
+                params.update({weight_param(self._prefix(group.name, "weight"), e): weight for e in self.experts})
+        return params

@@ -1,0 +1,40 @@
+"""Warm start: the classic merge recipes enqueued as a study's first trials.
+
+The front then starts at least at the baselines, and reports can show the gain over them
+(each such trial carries `user_attrs["baseline"]`). Enqueued with `skip_if_exists`, so a
+resumed study does not run them twice.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from mergetune.search.space import SearchSpace
+
+# (baseline name, method used by every group, params overriding the method's defaults)
+CLASSIC_RECIPES: tuple[tuple[str, str, dict[str, float]], ...] = (
+    ("uniform_average", "linear", {}),
+    ("task_arithmetic", "task_arithmetic", {"lambda": 1.0}),
+    ("task_arithmetic_tuned", "task_arithmetic", {"lambda": 0.5}),
+    ("ties", "ties", {"density": 0.5, "lambda": 1.0}),
+    ("dare_ties", "dare_ties", {"density": 0.5, "lambda": 1.0}),
+    ("ota", "ota", {}),
+)
+
+
+def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, object]]]:
+    """The classic recipes the space can express (their method is allowed), as trial params."""
+    return [
+        (name, space.uniform_params(method, overrides))
+        for name, method, overrides in CLASSIC_RECIPES
+        if method in space.methods
+    ]
+
+
+def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
+    """Enqueue the baselines not yet in the study; returns their names."""
+    names = []
+    for name, params in baseline_params(space):
+        study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        names.append(name)
+    return names
