@@ -1,0 +1,170 @@
+"""Read a study: objectives, the Pareto front, picking one trial, recipe summaries, held-out re-scoring."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from mergetune.core.errors import MergetuneError
+from mergetune.merge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# Finished trials are read-only in Optuna, so held-out scores live in one study user attr:
+# {"<trial number>": {objective: score}}.
+TEST_SCORES_ATTR = "test_scores"
+
+
+def objective_names(study: optuna.Study) -> list[str]:
+    names = study.metric_names
+    return list(names) if names else [f"objective{i}" for i in range(len(study.directions))]
+
+
+def configured_weights(study: optuna.Study) -> dict[str, float]:
+    """Objective → weight of the scalarised view, from the study config (equal weights if absent)."""
+    names = objective_names(study)
+    # The driver stores the resolved objectives; a config may leave them to the evaluator (None).
+    objectives = study.user_attrs.get("objectives") or (study.user_attrs.get("config") or {}).get("objectives") or []
+    given = {o["name"]: float(o.get("weight", 1.0)) for o in objectives if isinstance(o, dict) and "name" in o}
+    return {name: given.get(name, 1.0) for name in names}
+
+
+def parse_weights(text: str, names: list[str]) -> dict[str, float]:
+    """`name=w,name=w` → weights; unnamed objectives get 0."""
+    weights = {name: 0.0 for name in names}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in weights:
+            raise MergetuneError(f"--pick {text!r}: expected NAME=WEIGHT pairs over objectives {', '.join(names)}")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise MergetuneError(f"--pick {text!r}: weight of {key} is not a number") from None
+    return weights
+
+
+def scalarised(study: optuna.Study, trial: FrozenTrial, weights: dict[str, float]) -> float:
+    """Weighted mean of the trial's objective values, minimised objectives negated (higher is better)."""
+    total = sum(abs(w) for w in weights.values()) or 1.0
+    score = 0.0
+    for name, value, direction in zip(objective_names(study), trial.values, study.directions):
+        sign = -1.0 if direction == optuna.study.StudyDirection.MINIMIZE else 1.0
+        score += weights.get(name, 0.0) * sign * value
+    return score / total
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto-optimal COMPLETE trials (the best trial for a single objective), by trial number."""
+    try:
+        trials = study.best_trials
+    except ValueError:
+        trials = []
+    if not trials:
+        raise MergetuneError(f"study {study.study_name!r} has no COMPLETE trial yet; run or resume it first")
+    return sorted(trials, key=lambda t: t.number)
+
+
+def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> FrozenTrial:
+    """`trial` is `best` or a trial number; `pick` chooses among the front: `weights`, an objective, or NAME=W,..."""
+    if trial != "best":
+        try:
+            number = int(trial)
+        except ValueError:
+            raise MergetuneError(f"--trial {trial!r}: give `best` or a trial number") from None
+        found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not found:
+            raise MergetuneError(f"study {study.study_name!r} has no trial {number} (trials 0–{len(study.trials) - 1})")
+        if found[0].state != TrialState.COMPLETE or "recipe" not in found[0].user_attrs:
+            raise MergetuneError(f"trial {number} is {found[0].state.name}, not a COMPLETE trial with a recipe")
+        return found[0]
+    names = objective_names(study)
+    if pick in names:
+        i = names.index(pick)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise MergetuneError(f"study {study.study_name!r} has no COMPLETE trial yet")
+        better = max if study.directions[i] == optuna.study.StudyDirection.MAXIMIZE else min
+        return better(complete, key=lambda t: (t.values[i], -t.number))
+    front = front_trials(study)
+    if pick in (None, "weights"):
+        weights = configured_weights(study)
+    elif "=" in pick:
+        weights = parse_weights(pick, names)
+    else:
+        raise MergetuneError(f"--pick {pick!r}: give `weights`, an objective ({', '.join(names)}) or NAME=W pairs")
+    return max(front, key=lambda t: (scalarised(study, t, weights), -t.number))
+
+
+def trial_recipe(trial: FrozenTrial) -> Recipe:
+    data = trial.user_attrs.get("recipe")
+    if data is None:
+        raise MergetuneError(f"trial {trial.number} has no recipe user attr; it was not run by mergetune")
+    return Recipe.from_dict(data, source=f"trial {trial.number} recipe")
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    """`L0-1 ties · L2-3 linear · *embed* linear`: which method each rule (layer group) uses."""
+    parts = []
+    for rule in recipe.rules:
+        where = []
+        if rule.layers is not None:
+            start, stop = rule.layers
+            where.append(f"L{start}" if stop - start == 1 else f"L{start}-{stop - 1}")
+        if rule.match != ["*"]:
+            where.append(",".join(rule.match))
+        parts.append(f"{' '.join(where) or 'rest'} {rule.method}")
+    return " · ".join(parts)
+
+
+def recorded_test_scores(study: optuna.Study) -> dict[int, dict[str, float]]:
+    """Trial number → held-out scores recorded by `front --evaluate test`."""
+    return {int(k): v for k, v in (study.user_attrs.get(TEST_SCORES_ATTR) or {}).items()}
+
+
+def front_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
+    """Per-objective search scores (and test scores with the gap, when recorded) plus the recipe summary."""
+    names = objective_names(study)
+    recorded = recorded_test_scores(study)
+    with_test = any(t.number in recorded for t in trials)
+    table = Table(title=f"Pareto front of {study.study_name} ({len(trials)} trials)")
+    table.add_column("trial", justify="right")
+    for name in names:
+        table.add_column(f"{name}\nsearch", justify="right")
+        if with_test:
+            table.add_column(f"{name}\ntest", justify="right")
+            table.add_column("gap", justify="right")
+    table.add_column("recipe")
+    for trial in trials:
+        row = [str(trial.number) + (f" ({trial.user_attrs['baseline']})" if trial.user_attrs.get("baseline") else "")]
+        test = recorded.get(trial.number, {})
+        for name, value in zip(names, trial.values):
+            row.append(f"{value:.4f}")
+            if with_test:
+                test_value = test.get(name)
+                row.append("–" if test_value is None else f"{test_value:.4f}")
+                row.append("–" if test_value is None else f"{test_value - value:+.4f}")
+        row.append(recipe_summary(trial_recipe(trial)) if "recipe" in trial.user_attrs else "?")
+        table.add_row(*row)
+    return table
+
+
+def score_trials_on_split(study: optuna.Study, trials: list[FrozenTrial], split: str = "test") -> None:
+    """Re-merge each trial's recipe, score it on `split`, record the scores in the study's `test_scores` attr."""
+    from mergetune.studies.scoring import score_recipe_on_split
+
+    config = study.user_attrs.get("config")
+    if not config:
+        raise MergetuneError(f"study {study.study_name!r} has no config user attr; cannot build its evaluator")
+    for trial in trials:
+        scores = score_recipe_on_split(config, trial_recipe(trial), split)
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        if bad:
+            log.warning("trial %d: non-finite %s score on %s", trial.number, bad[0], split)
+        recorded = {str(k): v for k, v in recorded_test_scores(study).items()}
+        recorded[str(trial.number)] = {k: float(v) for k, v in scores.items()}
+        study.set_user_attr(TEST_SCORES_ATTR, recorded)

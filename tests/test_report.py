@@ -1,0 +1,29 @@
+"""`mergetune report` writes a self-contained HTML file and the PNG plots."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from test_studies_fixtures import EXPERTS, make_study
+
+from mergetune.cli.main import main
+from mergetune.studies.report import method_choices
+
+MODELS = {"base": "/models/base", **{e: f"/models/{e}" for e in EXPERTS}}
+
+
+def test_report_cli_writes_offline_html_and_pngs(tmp_path, capsys):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = make_study(url, MODELS)
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--study", "synthetic", "--storage", url, "--out", str(tmp_path / "r")])
+    assert done.value.code == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert '<script src="http' not in html and "plotly.js v" in html  # plotly.js is inline, not from a CDN
+    assert html.count("Plotly.newPlot") >= 4  # pareto, 2 histories, method choices
+    assert "warm-start baselines" in html and "Pareto front" in html
+    for png in ("pareto.png", "history.png", "methods.png"):
+        data = (tmp_path / "r" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert {(n, g, m) for n, g, m in method_choices(study.trials[:1])} == {(0, "L0", "linear"), (0, "rest", "linear")}
