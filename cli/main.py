@@ -33,6 +33,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 
 # --- command registration (one line per area) ---
+from mergetune.studies.cli import register as _register_studies  # noqa: E402
+_register_studies(app)
 from mergetune.search.cli import register as _register_search  # noqa: E402
 _register_search(app)
 # --- end of command registration ---
