@@ -1,0 +1,208 @@
+"""The Ray driver with stand-in workers: budget, warm start, failures, worker death, kill -9 + resume, GPU placement.
+
+The stand-ins score a recipe from its weights in microseconds, so these tests exercise the
+driver (Ray actors, Optuna storage) and not the merge or the evaluator.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from rich.console import Console
+
+from mergetune.search.config import parse_study_config
+from mergetune.search.driver import WorkerPool, load_study, run_study
+
+ray = pytest.importorskip("ray")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+class FakeWorker:
+    """Scores a = share of expert a in the weights, b = share of b: a two-objective trade-off."""
+
+    delay = 0.0
+
+    def __init__(self, config_json):
+        self.config = json.loads(config_json)
+
+    def objectives(self):
+        return [("a", "maximize"), ("b", "maximize")]
+
+    def describe(self):
+        from mergetune.search.workers import placement
+
+        return placement()
+
+    def scores(self, recipe):
+        shares = []
+        for rule in recipe["rules"]:
+            w = rule.get("weights") or {"a": 1.0, "b": 1.0}
+            shares.append(w["a"] / (w["a"] + w["b"] + 1e-9))
+        a = sum(shares) / len(shares)
+        return {"a": a, "b": 1.0 - a}
+
+    def run(self, recipe, seed):
+        time.sleep(self.delay)
+        from mergetune.search.workers import placement
+
+        return {**placement(), "scores": self.scores(recipe), "timings": {"merge_s": 0.0, "eval_s": 0.0}}
+
+
+class FlakyWorker(FakeWorker):
+    """Every 4th seed raises in the 'merge', every 4th+1 scores NaN."""
+
+    def run(self, recipe, seed):
+        if seed % 4 == 1:
+            return {"error": "RuntimeError: merge exploded"}
+        result = super().run(recipe, seed)
+        if seed % 4 == 2:
+            result["scores"]["a"] = math.nan
+        return result
+
+
+def study_config(tmp_path, name, n_trials, workers=2, **extra):
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text('{"num_hidden_layers": 4}')
+    data = {
+        "study": name,
+        "models": {"base": str(base), "experts": {"a": "/nowhere/a", "b": "/nowhere/b"}},
+        "evaluator": {"kind": "quick"},
+        "search": {"layer_groups": 2, "methods": ["linear", "task_arithmetic", "ties"]},
+        "budget": {"n_trials": n_trials},
+        "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+        "ray": {"workers": workers},
+        "sampler": {"m3_prior": {"n_startup": 6}},
+        **extra,
+    }
+    return parse_study_config(data, "test")
+
+
+def quiet():
+    return Console(quiet=True)
+
+
+def states(study):
+    counts = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
+def test_study_reaches_budget_with_warm_start_first_and_records_trials(ray_session, tmp_path):
+    study = run_study(study_config(tmp_path, "basic", 12), console=quiet(), worker_cls=FakeWorker)
+    trials = study.get_trials()
+    assert states(study) == {TrialState.COMPLETE: 12}
+    baselines = [t.user_attrs.get("baseline") for t in trials[:4]]
+    assert baselines == ["uniform_average", "task_arithmetic", "task_arithmetic_tuned", "ties"]
+    assert all("baseline" not in t.user_attrs for t in trials[4:])
+    first = trials[0]
+    assert first.user_attrs["recipe"]["rules"][0]["method"] == "linear"
+    assert set(first.user_attrs["scores"]) == {"a", "b"}
+    assert {"node_id", "timings", "seed", "worker"} <= set(first.user_attrs)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both actors served trials
+    assert study.user_attrs["config"]["study"] == "basic"
+    assert [o["name"] for o in study.user_attrs["objectives"]] == ["a", "b"]
+    # running `run` again with a larger budget continues the same study
+    more = run_study(study_config(tmp_path, "basic", 15), console=quiet(), worker_cls=FakeWorker)
+    assert states(more) == {TrialState.COMPLETE: 15}
+
+
+def test_failed_and_nan_trials_are_failed_with_a_reason_and_do_not_count(ray_session, tmp_path):
+    study = run_study(study_config(tmp_path, "flaky", 8, warm_start=False), console=quiet(), worker_cls=FlakyWorker)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
+    reasons = {t.user_attrs["fail_reason"] for t in failed}
+    assert "RuntimeError: merge exploded" in reasons and "non-finite score" in reasons
+
+
+def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray_session, tmp_path):
+    marker = tmp_path / "died"
+
+    class DyingWorker(FakeWorker):
+        def run(self, recipe, seed):
+            if seed == 3 and not os.path.exists(marker_path):
+                open(marker_path, "w").close()
+                os._exit(1)  # the worker process dies mid-trial, like an OOM kill
+            return super().run(recipe, seed)
+
+    marker_path = str(marker)
+    study = run_study(study_config(tmp_path, "dying", 8), console=quiet(), worker_cls=DyingWorker)
+    assert marker.exists()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith("worker died")
+    retries = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retries) == 1 and retries[0].params == failed[0].params and retries[0].state == TrialState.COMPLETE
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
+
+
+def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_path):
+    config = study_config(tmp_path, "killed", 14, ray={"workers": 2, "address": ray_session})
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, ray
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_driver
+        from mergetune.search.config import parse_study_config
+        from mergetune.search.driver import run_study
+        ray.cloudpickle.register_pickle_by_value(test_driver)
+        class SlowWorker(test_driver.FakeWorker):
+            delay = 0.4
+        config = parse_study_config({config.model_dump(mode="json")!r}, "test")
+        run_study(config, worker_cls=SlowWorker)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                study = load_study("killed", config.storage_url)
+            except Exception:
+                continue
+            if len(study.get_trials(states=(TrialState.COMPLETE,))) >= 3:
+                break
+        driver.kill()  # SIGKILL: no cleanup at all
+        driver.wait()
+    finally:
+        driver.kill()
+    before = states(load_study("killed", config.storage_url))
+    assert before.get(TrialState.COMPLETE, 0) >= 3 and before.get(TrialState.RUNNING, 0) >= 1
+
+    resumed = run_study(config.model_copy(update={"ray": config.ray.model_copy(update={"address": None})}), console=quiet(), worker_cls=FakeWorker)
+    after = states(resumed)
+    assert after[TrialState.COMPLETE] == 14 and TrialState.RUNNING not in after and TrialState.WAITING not in after
+    orphans = [t for t in resumed.get_trials() if t.user_attrs.get("fail_reason", "").startswith("left RUNNING")]
+    assert len(orphans) == before[TrialState.RUNNING]
+    retried = {t.user_attrs["retry_of"] for t in resumed.get_trials() if "retry_of" in t.user_attrs}
+    assert {t.number for t in orphans} <= retried
+
+
+def test_one_actor_per_logical_gpu(ray_session, tmp_path):
+    config = study_config(tmp_path, "gpus", 2, ray={"workers": 2, "gpus_per_worker": 1})
+    pool = WorkerPool(FakeWorker, config, 2)
+    try:
+        placed = ray.get([actor.describe.remote() for actor in pool.actors])
+    finally:
+        pool.shutdown()
+    assert sorted(p["gpu_ids"][0] for p in placed) == ["0", "1"]
+    assert sorted(p["cuda_visible_devices"] for p in placed) == ["0", "1"]

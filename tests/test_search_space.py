@@ -1,0 +1,100 @@
+"""The search space: conditional params, layer groups, and warm-start params that map through it."""
+
+import optuna
+import pytest
+
+from mergetune.core.errors import ConfigError
+from mergetune.search.config import parse_study_config
+from mergetune.search.space import SearchSpace, layer_groups
+from mergetune.search.warmstart import baseline_params, enqueue_baselines
+
+
+def config(**search):
+    return parse_study_config(
+        {
+            "study": "t",
+            "models": {"base": "/nowhere/base", "experts": {"math": "/m", "code": "/c", "facts": "/f"}},
+            "evaluator": {"kind": "quick"},
+            "search": {"layer_groups": 2, "methods": ["linear", "task_arithmetic", "ties", "dare_ties"], **search},
+        },
+        "test",
+    )
+
+
+def test_a_groups_method_params_exist_only_when_it_chose_that_method():
+    space = SearchSpace(config(), n_layers=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        recipe = space.recipe(trial)
+        for group, rule in zip(space.groups, recipe.rules):
+            method = trial.params[f"{group.name}.method"]
+            seen.add(method)
+            assert rule.method == method
+            own = {k for k in trial.params if k.startswith(f"{group.name}.") and k.split(".")[1] in space.methods}
+            assert all(k.split(".")[1] == method for k in own), (method, own)
+            has_density = any(k.startswith(f"{group.name}.ties.density.") for k in trial.params)
+            assert has_density == (method == "ties")
+            if method == "ties":
+                assert set(rule.params["density"]) == {"math", "code", "facts"}
+                assert f"{group.name}.ties.lambda" in trial.params
+            assert bool(rule.weights) == (method != "slerp")
+        study.tell(trial, 0.0)
+    assert seen == {"linear", "task_arithmetic", "ties", "dare_ties"}
+
+
+def test_groups_cover_every_layer_once_and_split_attention_from_mlp():
+    groups = layer_groups(5, 2, split_attention_mlp=True, separate_embeddings=True)
+    assert [g.name for g in groups] == ["g0a", "g0m", "g1a", "g1m", "emb"]
+    spans = sorted({g.layers for g in groups if g.layers})
+    assert spans[0][0] == 0 and spans[-1][1] == 5 and spans[0][1] == spans[1][0]
+    assert layer_groups(2, 8, False, False)[-1].layers == (1, 2)  # G capped at the layer count
+
+
+def test_recipe_rules_route_tensors_to_their_group():
+    space = SearchSpace(config(split_attention_mlp=True), n_layers=4)
+    recipe = space.recipe(optuna.trial.FixedTrial(baseline_params(space)[3][1]))
+    assert recipe.rule_for("model.layers.3.mlp.up_proj.weight").layers == (2, 4)
+    assert recipe.rule_for("model.layers.0.self_attn.q_proj.weight").match == ["*.self_attn.*", "*.input_layernorm.*"]
+    assert recipe.rule_for("model.embed_tokens.weight").layers is None
+    assert recipe.base == "base" and recipe.experts == ["math", "code", "facts"]
+
+
+def test_shared_params_have_one_value_across_groups():
+    space = SearchSpace(config(shared=["lambda"]), n_layers=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        recipe = space.recipe(trial)
+        lambdas = {r.params["lambda"] for r in recipe.rules if r.method == "ties"}
+        assert len(lambdas) <= 1
+        study.tell(trial, 0.0)
+
+
+def test_warm_start_trials_come_first_and_map_through_the_space():
+    space = SearchSpace(config(), n_layers=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    names = enqueue_baselines(study, space)
+    assert names == ["uniform_average", "task_arithmetic", "task_arithmetic_tuned", "ties", "dare_ties"]
+    enqueue_baselines(study, space)  # a resumed study does not queue them twice
+    for number, name in enumerate(names):
+        trial = study.ask()
+        recipe = space.recipe(trial)
+        assert trial.number == number and trial.user_attrs["baseline"] == name
+        assert len({r.method for r in recipe.rules}) == 1
+        if name == "ties":
+            assert recipe.rules[0].params == {"density": {"math": 0.5, "code": 0.5, "facts": 0.5}, "lambda": 1.0}
+        if name == "uniform_average":
+            assert all(r.weights == {"math": 1.0, "code": 1.0, "facts": 1.0} for r in recipe.rules)
+        study.tell(trial, 0.0)
+    assert "baseline" not in study.ask().user_attrs
+
+
+def test_methods_that_need_statistics_are_refused_without_them():
+    with pytest.raises(ConfigError, match="ota.*moments"):
+        SearchSpace(config(methods=["ota"]), n_layers=4)
+    with pytest.raises(ConfigError, match="unknown merge method"):
+        SearchSpace(config(methods=["tie"]), n_layers=4)
+    with pytest.raises(ConfigError, match="slerp"):
+        SearchSpace(config(methods=["slerp"]), n_layers=4)  # three experts
