@@ -15,6 +15,7 @@ def front(
     study: str = typer.Option(..., "--study", help="Study name."),
     storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
     evaluate: str | None = typer.Option(None, "--evaluate", help="Re-merge the front and score it on this split (test)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for re-merging and scoring."),
 ) -> None:
     """Show the Pareto-optimal trials; with --evaluate test, their held-out scores and the gap."""
     from rich.console import Console
@@ -27,7 +28,7 @@ def front(
     opened = open_study(study, storage)
     trials = front_trials(opened)
     if evaluate:
-        score_trials_on_split(opened, trials, evaluate)
+        score_trials_on_split(opened, trials, evaluate, device)
     Console().print(front_table(opened, trials))
 
 

@@ -153,18 +153,18 @@ def front_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
     return table
 
 
-def score_trials_on_split(study: optuna.Study, trials: list[FrozenTrial], split: str = "test") -> None:
+def score_trials_on_split(study: optuna.Study, trials: list[FrozenTrial], split: str = "test", device: str = "cpu") -> None:
     """Re-merge each trial's recipe, score it on `split`, record the scores in the study's `test_scores` attr."""
-    from mergetune.studies.scoring import score_recipe_on_split
+    from mergetune.studies.scoring import score_recipes_on_split
 
     config = study.user_attrs.get("config")
     if not config:
         raise MergetuneError(f"study {study.study_name!r} has no config user attr; cannot build its evaluator")
-    for trial in trials:
-        scores = score_recipe_on_split(config, trial_recipe(trial), split)
-        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+    scores = score_recipes_on_split(config, [trial_recipe(t) for t in trials], split, device)
+    recorded = {str(k): v for k, v in recorded_test_scores(study).items()}
+    for trial, trial_scores in zip(trials, scores):
+        bad = [k for k, v in trial_scores.items() if not math.isfinite(v)]
         if bad:
             log.warning("trial %d: non-finite %s score on %s", trial.number, bad[0], split)
-        recorded = {str(k): v for k, v in recorded_test_scores(study).items()}
-        recorded[str(trial.number)] = {k: float(v) for k, v in scores.items()}
-        study.set_user_attr(TEST_SCORES_ATTR, recorded)
+        recorded[str(trial.number)] = trial_scores
+    study.set_user_attr(TEST_SCORES_ATTR, recorded)

@@ -292,12 +292,32 @@ def _conditional(values: dict[str, Scalar], layout: ModelLayout) -> list[dict]:
     for name, value in values.items():
         if layer_index(name) is None:
             conditions.append({"filter": name, "value": _plain(value)})
+    groups: dict[tuple, list[str]] = {}
     for suffix, vector in vectors.items():
         if vector != common:
-            conditions.append({"filter": f".{suffix}", "value": _gradient(vector)})
+            groups.setdefault(vector, []).append(suffix)
+    for vector, suffixes in groups.items():
+        for flt in _filters_for(suffixes, [s for s in vectors if s not in suffixes]):
+            conditions.append({"filter": flt, "value": _gradient(vector)})
     if common is not None:
         conditions.append({"value": _gradient(common)})
     return conditions
+
+
+def _filters_for(suffixes: list[str], others: list[str]) -> list[str]:
+    """One shared filter (e.g. `.mlp.`) when the suffixes' common module path names only them, else one each."""
+    common = suffixes[0].split(".")
+    for suffix in suffixes[1:]:
+        parts = suffix.split(".")
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    prefix = "." + ".".join(common) + "." if common else ""
+    if prefix and len(common) < min(len(s.split(".")) for s in suffixes):
+        if not any(prefix in f".{other}" for other in others):
+            return [prefix]
+    return [f".{suffix}" for suffix in suffixes]
 
 
 def _filled(vector: list[Scalar | None]) -> list[Scalar]:

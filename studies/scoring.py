@@ -1,0 +1,36 @@
+"""Held-out re-scoring: merge recipes into one live model (the search worker's path) and score a split."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.progress import Progress
+
+from mergetune.merge.recipe import Recipe
+from mergetune.search.config import StudyConfig, parse_study_config
+
+log = logging.getLogger(__name__)
+
+
+def score_recipes_on_split(
+    config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
+) -> list[dict[str, float]]:
+    """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
+    from mergetune.evaluators.base import HFBackend, build_evaluator
+    from mergetune.merge.modelset import ResidentModelSet
+    from mergetune.search.workers import load_modelset
+
+    if isinstance(config, dict):
+        config = parse_study_config(config, "study config")
+    assert config.models is not None and config.evaluator is not None
+    resident = ResidentModelSet.load(load_modelset(config), device=device)
+    backend = HFBackend.from_pretrained(config.models.base, device)
+    evaluator = build_evaluator(config.evaluator)
+    results = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"scoring on {split}", total=len(recipes))
+        for recipe in recipes:
+            resident.merge_into(recipe, backend.weight_sink(), seed=recipe.seed)
+            results.append({name: float(value) for name, value in evaluator.evaluate(backend, split=split).items()})
+            progress.advance(task)
+    return results
