@@ -63,17 +63,24 @@ class LayerGroup:
     match: tuple[str, ...]
 
 
-def num_layers(base_dir: str | Path) -> int:
-    """Transformer layers of the base model, from its config.json."""
-    path = Path(base_dir) / "config.json"
-    try:
+def num_layers(base: str | Path) -> int:
+    """Transformer layers of the base model, from its config.json (a hub id goes through transformers' cache)."""
+    path = Path(base) / "config.json"
+    if path.is_file():
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found; models.base must be a model directory with config.json") from None
+    elif Path(base).is_dir():
+        raise ConfigError(f"{path} not found; models.base must be a model directory with config.json")
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(base)).to_dict()
+        except OSError as exc:
+            raise ConfigError(f"models.base: cannot read the config of {base!r} ({exc})") from None
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
             return int(config[key])
-    raise ConfigError(f"{path}: no num_hidden_layers; cannot split layers into groups")
+    raise ConfigError(f"{base}: its config has no num_hidden_layers; cannot split layers into groups")
 
 
 def layer_groups(n_layers: int, groups: int, split_attention_mlp: bool, separate_embeddings: bool) -> list[LayerGroup]:
