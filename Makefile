@@ -19,6 +19,7 @@ install: $(VENV)/.installed
 
 demo: install
 	@test -f $(DEMO_ZOO)/zoo.json || $(VENV)/bin/mergetune zoo build $(DEMO_ZOO) --preset demo
+	$(VENV)/bin/mergetune run configs/demo.yaml
 
 # The default suite (tiny models; minutes). pytest's exit code 5 means "no test collected".
 test: install
