@@ -7,6 +7,7 @@ driver (Ray actors, Optuna storage) and not the merge or the evaluator.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -155,8 +156,8 @@ def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
 
 
-def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_path):
-    config = study_config(tmp_path, "killed", 14, ray={"workers": 2, "address": ray_session})
+def start_driver(tmp_path, config, delay):
+    """A driver in a subprocess (joined to the test's Ray cluster) with slow stand-in workers."""
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(f"""
         import sys, ray
@@ -166,25 +167,34 @@ def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_p
         from mergetune.search.driver import run_study
         ray.cloudpickle.register_pickle_by_value(test_driver)
         class SlowWorker(test_driver.FakeWorker):
-            delay = 0.4
+            delay = {delay}
         config = parse_study_config({config.model_dump(mode="json")!r}, "test")
         run_study(config, worker_cls=SlowWorker)
     """))
-    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_complete(config, n, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            study = load_study(config.study, config.storage_url)
+        except Exception:
+            continue
+        if len(study.get_trials(states=(TrialState.COMPLETE,))) >= n:
+            return
+    raise AssertionError(f"the driver did not complete {n} trials in {timeout}s")
+
+
+def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_path):
+    config = study_config(tmp_path, "killed", 14, ray={"workers": 2, "address": ray_session})
+    driver = start_driver(tmp_path, config, delay=0.4)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            try:
-                study = load_study("killed", config.storage_url)
-            except Exception:
-                continue
-            if len(study.get_trials(states=(TrialState.COMPLETE,))) >= 3:
-                break
+        wait_for_complete(config, 3)
+    finally:
         driver.kill()  # SIGKILL: no cleanup at all
         driver.wait()
-    finally:
-        driver.kill()
     before = states(load_study("killed", config.storage_url))
     assert before.get(TrialState.COMPLETE, 0) >= 3 and before.get(TrialState.RUNNING, 0) >= 1
 
@@ -195,6 +205,28 @@ def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_p
     assert len(orphans) == before[TrialState.RUNNING]
     retried = {t.user_attrs["retry_of"] for t in resumed.get_trials() if "retry_of" in t.user_attrs}
     assert {t.number for t in orphans} <= retried
+
+
+def test_ctrl_c_lets_in_flight_trials_finish_and_leaves_the_study_consistent(ray_session, tmp_path):
+    config = study_config(tmp_path, "interrupted", 40, ray={"workers": 2, "address": ray_session})
+    driver = start_driver(tmp_path, config, delay=0.4)
+    try:
+        wait_for_complete(config, 2)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=30) == 0
+    finally:
+        driver.kill()
+    after = states(load_study("interrupted", config.storage_url))
+    assert TrialState.RUNNING not in after and TrialState.FAIL not in after
+    assert 2 <= after[TrialState.COMPLETE] < 40
+
+
+def test_journal_storage(ray_session, tmp_path):
+    config = study_config(tmp_path, "journal", 5, storage=f"journal:///{tmp_path / 'j' / 'study.log'}")
+    study = run_study(config, console=quiet(), worker_cls=FakeWorker)
+    assert (tmp_path / "j" / "study.log").is_file()
+    assert states(load_study("journal", config.storage_url)) == {TrialState.COMPLETE: 5}
+    assert study.user_attrs["config"]["storage"].startswith("journal://")
 
 
 def test_one_actor_per_logical_gpu(ray_session, tmp_path):
