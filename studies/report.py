@@ -69,6 +69,8 @@ def _plotly_figures(study: optuna.Study, complete: list[FrozenTrial], names: lis
                     name="warm-start baselines",
                 )
             )
+        # Optuna's colour bars sit where the legend would: put the legend under the plot.
+        fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.2})
         figures.append(("Pareto front", fig))
     for i, name in enumerate(names):
         fig = vis.plot_optimization_history(study, target=(lambda t, i=i: t.values[i]), target_name=name)
@@ -139,7 +141,7 @@ def _html(study: optuna.Study, figures: list[tuple[str, object]], front: list[Fr
 </head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
 <p>{n} trials; objectives: {html.escape(', '.join(names))}.</p>
-<h2>Pareto front</h2>
+<h2>Pareto-optimal trials</h2>
 <table><tr>{head}</tr>{''.join(rows)}</table>
 {''.join(sections)}
 </body></html>

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import optuna
 import pytest
 from test_studies_fixtures import EXPERTS, make_study
@@ -27,3 +30,20 @@ def test_report_cli_writes_offline_html_and_pngs(tmp_path, capsys):
         data = (tmp_path / "r" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert {(n, g, m) for n, g, m in method_choices(study.trials[:1])} == {(0, "L0", "linear"), (0, "rest", "linear")}
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_console_errors(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = make_study(f"sqlite:///{tmp_path}/s.db", MODELS)
+    from mergetune.studies.report import write_report
+
+    write_report(study, tmp_path / "r")
+    done = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom", (tmp_path / "r" / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+    assert done.stdout.count('class="main-svg"') >= 8  # plotly drew every figure
