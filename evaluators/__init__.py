@@ -1,0 +1,1 @@
+"""Scoring backends and task data: lm-eval (HF or vLLM) and the quick local evaluator."""
