@@ -132,6 +132,9 @@ class StudyConfig(_Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(n_trials=50))
     storage: str | None = Field(default=None, description="SQLAlchemy URL or journal:///path; default sqlite under studies/")
+    storage_retry_s: float = Field(
+        default=120, ge=0, description="how long an unreachable storage is retried (with backoff) before the run stops"
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = 0
     warm_start: bool = True

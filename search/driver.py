@@ -9,7 +9,9 @@ Failures: a trial whose merge/eval raises or scores NaN → FAIL with `fail_reas
 process that dies → its trial FAIL, the actor replaced, the params re-enqueued once
 (`retry_of`); trials left RUNNING by a killed driver → FAIL and re-enqueued on the next
 start; Ctrl-C → no new trials, in-flight ones finish (a second Ctrl-C marks them FAIL and
-re-enqueues them). The budget counts COMPLETE trials.
+re-enqueues them); a storage that stops answering (database restart, network) → every
+storage call is retried with backoff for `storage_retry_s`, then the driver stops with a
+message to resume. The budget counts COMPLETE trials.
 """
 
 from __future__ import annotations
@@ -50,7 +52,49 @@ def open_storage(url: str) -> optuna.storages.BaseStorage | str:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return url
+        return url
+    # A database server may restart under a long study: test pooled connections before use.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+class StorageUnavailable(MergetuneError):
+    """The study storage did not answer within the retry window."""
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    import sqlalchemy.exc
+
+    # Optuna turns SQLAlchemy errors inside its sessions into StorageInternalError; the
+    # engine's own connect errors come through as SQLAlchemy errors; journal files as OSError.
+    return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError)
+
+
+@dataclass
+class StorageRetry:
+    """Calls a storage operation, retrying with exponential backoff while the storage is unreachable."""
+
+    window_s: float
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def __call__(self, operation, *args, **kwargs):
+        errors = _storage_errors()
+        delay, deadline = self.first_delay_s, None
+        while True:
+            try:
+                return operation(*args, **kwargs)
+            except errors as exc:
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self.window_s
+                reason = str(exc.__cause__ or exc).splitlines()[0]
+                if now >= deadline:
+                    raise StorageUnavailable(
+                        f"the study storage has not answered for {self.window_s:.0f} s ({reason}); "
+                        "finished trials are saved — run `mergetune resume` once it is back"
+                    ) from None
+                log.warning("storage unreachable (%s); retrying in %.1f s", reason, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_delay_s)
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
@@ -225,28 +269,37 @@ class Driver:
         self.in_flight: dict[object, InFlight] = {}
         self.consecutive_failures = 0
         self.last_failure = ""
+        self.storage = StorageRetry(config.storage_retry_s)
+
+    def _tell(self, trial: optuna.Trial, values: list[float] | None = None, state: TrialState | None = None) -> None:
+        # skip_if_finished: a retried tell whose first attempt committed must not fail.
+        self.storage(self.study.tell, trial, values, state=state, skip_if_finished=True)
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
         log.warning("trial %d failed: %s", trial.number, reason)
-        trial.set_user_attr("fail_reason", reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+        self.storage(trial.set_user_attr, "fail_reason", reason)
+        self._tell(trial, state=TrialState.FAIL)
         self.consecutive_failures += 1
         self.last_failure = reason
 
     def _retry_once(self, trial: optuna.Trial) -> None:
         if "retry_of" not in trial.user_attrs:
-            requeue(self.study, trial.params, trial.user_attrs, trial.number)
+            self.storage(requeue, self.study, trial.params, trial.user_attrs, trial.number)
 
     def _dispatch(self, slot: int) -> bool:
         """Ask a trial and send it to the actor in `slot`; False if it failed before dispatch."""
-        trial = self.study.ask()
+        trial = self.storage(self.study.ask)
         try:
-            recipe = self.space.recipe(trial)
+            # Re-running the space on the same trial after a storage error is safe: params
+            # already stored come back unchanged, the rest are suggested again.
+            recipe = self.storage(self.space.recipe, trial)
         except (MergetuneError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            if isinstance(exc, StorageUnavailable):
+                raise
             self._fail(trial, f"invalid recipe: {exc}")
             return False
-        trial.set_user_attr("recipe", recipe.to_dict())
-        trial.set_user_attr("seed", recipe.seed)
+        self.storage(trial.set_user_attr, "recipe", recipe.to_dict())
+        self.storage(trial.set_user_attr, "seed", recipe.seed)
         ref = self.pool.actors[slot].run.remote(recipe.to_dict(), recipe.seed)
         self.in_flight[ref] = InFlight(trial, slot)
         return True
@@ -269,8 +322,8 @@ class Driver:
             return job.slot
         for key in ("node_id", "gpu_ids", "pid", "versions", "timings", "scores"):
             if key in result:
-                trial.set_user_attr(key, result[key])
-        trial.set_user_attr("worker", job.slot)
+                self.storage(trial.set_user_attr, key, result[key])
+        self.storage(trial.set_user_attr, "worker", job.slot)
         if "error" in result:
             self._fail(trial, str(result["error"]))
             return job.slot
@@ -283,18 +336,18 @@ class Driver:
         if not all(math.isfinite(v) for v in values):
             self._fail(trial, "non-finite score")
             return job.slot
-        self.study.tell(trial, values)
+        self._tell(trial, values)
         self.consecutive_failures = 0
         return job.slot
 
     def _abandon_in_flight(self) -> None:
         for job in self.in_flight.values():
             self._fail(job.trial, "interrupted")
-            requeue(self.study, job.trial.params, job.trial.user_attrs, job.trial.number)
+            self.storage(requeue, self.study, job.trial.params, job.trial.user_attrs, job.trial.number)
         self.in_flight.clear()
 
     def _best_text(self) -> str:
-        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = self.storage(self.study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
         if not done:
             return "best: -"
         best = max(done, key=lambda t: scalarised(t.values, self.objectives))
@@ -306,7 +359,7 @@ class Driver:
         free = list(range(self.pool.size))
         deadline = time.monotonic() + timeout if timeout else None
         limit = self.config.budget.max_consecutive_failures
-        complete = count(self.study, TrialState.COMPLETE)
+        complete = self.storage(count, self.study, TrialState.COMPLETE)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -329,8 +382,8 @@ class Driver:
                     ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
                     for ref in ready:
                         free.append(self._finish(ref))
-                    complete = count(self.study, TrialState.COMPLETE)
-                    status = f"failed {count(self.study, TrialState.FAIL)}  {self._best_text()}"
+                    complete = self.storage(count, self.study, TrialState.COMPLETE)
+                    status = f"failed {self.storage(count, self.study, TrialState.FAIL)}  {self._best_text()}"
                     if interrupted.is_set():
                         status += f"  [yellow]stopping: {len(self.in_flight)} in flight (Ctrl-C again to abandon)"
                     progress.update(task, completed=complete, status=status)
@@ -372,10 +425,11 @@ def run_study(
         pool = WorkerPool(worker_cls, config, workers)
         objectives = resolve_objectives(config, pool)
         sampler = make_sampler(config.sampler, config.experts, config.seed, len(objectives))
-        study = prepare_study(config, objectives, sampler)
-        recover_orphans(study)
+        retry = StorageRetry(config.storage_retry_s)
+        study = retry(prepare_study, config, objectives, sampler)
+        retry(recover_orphans, study)
         if config.warm_start:
-            enqueue_baselines(study, space)
+            retry(enqueue_baselines, study, space)
         Driver(study, space, pool, objectives, config, console).run(config.budget.n_trials, config.budget.timeout)
         return study
     finally:
