@@ -98,6 +98,11 @@ class Recipe(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="output dtype (default: the base model's)"
     )
+    # Statistics files per expert, so a recipe needing them re-merges standalone. An expert
+    # directory's adam_second_moments.safetensors is used when `moments` does not name one.
+    moments: dict[str, str] = Field(default_factory=dict, description="expert → Adam second-moment safetensors")
+    fisher: dict[str, str] = Field(default_factory=dict, description="expert → diagonal Fisher safetensors")
+    gram: dict[str, str] = Field(default_factory=dict, description="expert → RegMean Gram safetensors")
 
     @property
     def experts(self) -> list[str]:
@@ -109,6 +114,10 @@ class Recipe(BaseModel):
         if self.base is not None and self.base not in self.models:
             raise ValueError(f"base {self.base!r} is not one of models ({', '.join(self.models)})")
         experts = self.experts
+        for kind in ("moments", "fisher", "gram"):
+            unknown = next((name for name in getattr(self, kind) if name not in experts), None)
+            if unknown is not None:
+                raise ValueError(f"{kind}: {unknown!r} is not an expert; experts: {', '.join(experts)}")
         for i, rule in enumerate(self.rules):
             where = f"rules.{i}"
             try:
@@ -151,7 +160,11 @@ class Recipe(BaseModel):
 
     # --- serialisation ---
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        for kind in ("moments", "fisher", "gram"):
+            if not data[kind]:
+                del data[kind]
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -41,3 +46,138 @@ class LiveModelSink:
 
     def close(self) -> None:
         self._written.clear()
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+# Weights, their indexes and the card are written fresh; everything else in the template
+# directory (config, generation config, tokenizer files, chat template) is copied.
+NOT_COPIED_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf"}
+NOT_COPIED_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
+
+
+class SafetensorsSink:
+    """Writes a Hugging Face model directory: safetensors shards (+ index), config and tokenizer, a card.
+
+    The layout (names, dtypes, shapes) is known before the merge, so every shard's header is
+    written first and each tensor goes straight to its offset: no shard is buffered in memory,
+    and tensors may arrive in any order. Tensors are cast to the layout's dtype.
+    Use inside `core.fs.atomic_output_dir` so a failed merge leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        template_dir: str | os.PathLike | None = None,
+        max_shard_bytes: int = 5 * 1024**3,
+        model_card: str | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.layout = layout
+        self.template_dir = Path(template_dir) if template_dir is not None else None
+        self.model_card = model_card
+        self._place: dict[str, tuple[int, int, int]] = {}  # name → (shard, byte offset in file, byte length)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, (dtype, shape) in layout.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for i, names in enumerate(shards):
+            self._fds.append(self._start_shard(self.out_dir / self.files[i], i, names))
+
+    def _start_shard(self, path: Path, shard: int, names: list[str]) -> int:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        spans: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name in names:
+            dtype, shape = self.layout[name]
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            spans[name] = (offset, nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        data_start = 8 + len(raw)
+        for name, (start, nbytes) in spans.items():
+            self._place[name] = (shard, data_start + start, nbytes)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+        os.ftruncate(fd, data_start + offset)
+        return fd
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        if name not in self.layout:
+            raise KeyError(f"the output model has no tensor {name!r}")
+        dtype, shape = self.layout[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {list(tensor.shape)}, the output expects {list(shape)}")
+        data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        shard, offset, nbytes = self._place[name]
+        view = memoryview(data)
+        done = 0
+        while done < nbytes:  # pwrite may write less than asked for large buffers
+            done += os.pwrite(self._fds[shard], view[done:], offset + done)
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Finish the directory: check every tensor arrived, write the index, copy config and tokenizer."""
+        self._close_files()
+        missing = next((name for name in self.layout if name not in self._written), None)
+        if missing is not None:
+            raise ValueError(f"merge ended with {len(self.layout) - len(self._written)} tensors unwritten, e.g. {missing!r}")
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(nbytes for _, _, nbytes in self._place.values())},
+                "weight_map": {name: self.files[shard] for name, (shard, _, _) in self._place.items()},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.template_dir is not None:
+            self._copy_template()
+        if self.model_card is not None:
+            (self.out_dir / "README.md").write_text(self.model_card)
+
+    def _copy_template(self) -> None:
+        for src in sorted(self.template_dir.iterdir()):
+            if src.is_file() and src.suffix not in NOT_COPIED_SUFFIXES and src.name not in NOT_COPIED_NAMES:
+                shutil.copy2(src, self.out_dir / src.name)
+        config = self.out_dir / "config.json"
+        dtypes = {dtype for dtype, _ in self.layout.values() if dtype.is_floating_point}
+        if config.is_file() and len(dtypes) == 1:
+            (dtype,) = dtypes
+            data = json.loads(config.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in data:
+                    data[key] = str(dtype).removeprefix("torch.")
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def _close_files(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> SafetensorsSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_files()

@@ -1,0 +1,137 @@
+"""The streaming merge engine: read one tensor of every model, merge it by its recipe rule, hand it to a sink.
+
+Disk to disk (`merge_recipe_to_dir`, the `mergetune merge` command) it holds one tensor per
+model at a time, read lazily with `safe_open` from single-file or sharded checkpoints, and
+writes through `SafetensorsSink` into a temp dir renamed at the end. Tensors no rule matches
+keep the base model's value. The search's in-memory variant is `modelset.ResidentModelSet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mergetune.core.errors import ConfigError
+from mergetune.core.fs import atomic_output_dir
+from mergetune.core.versions import package_versions
+from mergetune.merge.modelset import GlobalThresholds, ModelSet, complete_stats, merge_tensor
+from mergetune.merge.recipe import Recipe
+from mergetune.merge.sinks import SafetensorsSink, Sink
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def check_device(device: str) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+
+
+def output_layout(modelset: ModelSet, dtype: str | None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name → (dtype, shape) of the merged model: the reference model's, floats cast to `dtype` if given."""
+    target = getattr(torch, dtype) if dtype is not None else None
+    return {
+        name: (target if target is not None and info.dtype.is_floating_point else info.dtype, info.shape)
+        for name, info in modelset.reference.infos.items()
+    }
+
+
+def merge_modelset(
+    modelset: ModelSet,
+    recipe: Recipe,
+    sink: Sink,
+    *,
+    seed: int,
+    device: str = "cpu",
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Stream every tensor of the model set through the recipe into `sink` (closed at the end); returns timings."""
+    check_device(device)
+    schedule = modelset.plan(recipe)
+    read = compute = write = 0.0
+    with modelset.reader(device) as reader:
+        thresholds = GlobalThresholds(reader.scores)
+        for name, plan in schedule:
+            started = time.perf_counter()
+            if plan is None:
+                out = reader.raw(modelset.reference, name)
+                loaded = time.perf_counter()
+            else:
+                base = reader.tensor(modelset.base, name) if modelset.base is not None else None
+                models = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
+                stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
+                loaded = time.perf_counter()
+                out = merge_tensor(plan, name, base, models, None, stats, seed, thresholds)
+            computed = time.perf_counter()
+            sink.write(name, out)
+            read += loaded - started
+            compute += computed - loaded
+            write += time.perf_counter() - computed
+            if on_tensor is not None:
+                on_tensor(name)
+    sink.close()
+    return {"read_s": read, "compute_s": compute, "write_s": write}
+
+
+def model_card(recipe: Recipe, seed: int) -> str:
+    versions = package_versions()
+    return "\n".join(
+        [
+            "---",
+            "tags: [merge, mergetune]",
+            "---",
+            f"# Merge of {', '.join(recipe.experts)}" + (f" onto {recipe.base}" if recipe.base else ""),
+            "",
+            f"Made with mergetune {versions.get('mergetune', '')} (seed {seed}). Re-run with `mergetune merge recipe.yaml --out DIR --seed {seed}`:",
+            "",
+            "```yaml",
+            recipe.to_yaml().rstrip(),
+            "```",
+            "",
+        ]
+    )
+
+
+def merge_recipe_to_dir(
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    seed: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, float]:
+    """Merge `recipe` disk to disk into an HF model directory `out_dir` (atomic); returns timings.
+
+    Validation (models, statistics, methods' needs, the output directory) happens before any
+    tensor is read; on failure nothing is left in `out_dir`.
+    """
+    seed = recipe.seed if seed is None else seed
+    check_device(device)
+    modelset = ModelSet.from_recipe(recipe)
+    modelset.plan(recipe)
+    layout = output_layout(modelset, recipe.dtype)
+    started = time.perf_counter()
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        card = model_card(recipe, seed)
+        with SafetensorsSink(tmp, layout, modelset.reference.path, max_shard_bytes, card) as sink:
+            if progress:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                columns = (TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+                with Progress(*columns) as bar:
+                    task = bar.add_task("", total=len(layout))
+                    timings = merge_modelset(
+                        modelset, recipe, sink, seed=seed, device=device, on_tensor=lambda name: bar.update(task, advance=1, description=name)
+                    )
+            else:
+                timings = merge_modelset(modelset, recipe, sink, seed=seed, device=device)
+    timings["total_s"] = time.perf_counter() - started
+    log.info("merged %d tensors into %s in %.1fs", len(layout), Path(out_dir), timings["total_s"])
+    return timings

@@ -1,0 +1,80 @@
+"""Rank-1 compression of Adam second moments (ALGORITHMS.md §1.5) and its transparent reconstruction.
+
+A 2-D second moment V (m×n) is stored as its row sums r = V·1 and column sums c = 1ᵀV;
+it reads back as V̂ = r cᵀ / (1ᵀV1) (the I-divergence-optimal nonnegative rank-1 factorisation
+Adafactor uses), or 0 where ΣV = 0. Tensors of any other rank are stored exactly. A compressed
+file is marked in its safetensors metadata, so readers (`modelset.StatsFile`) tell the forms apart.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mergetune.core.errors import ModelSetError
+
+FORMAT_KEY = "mergetune_moments"
+RANK1 = "rank1"
+ROW_SUFFIX = "::row_sums"
+COL_SUFFIX = "::col_sums"
+
+
+def rank1_factors(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(row sums, column sums) of a 2-D second moment, in float32."""
+    v = v.float()
+    return v.sum(dim=1), v.sum(dim=0)
+
+
+def rank1_reconstruct(row_sums: Tensor, col_sums: Tensor) -> Tensor:
+    """V̂ = r cᵀ / Σr; all zeros when the total is 0."""
+    total = row_sums.sum()
+    if total <= 0:
+        return torch.zeros(row_sums.numel(), col_sums.numel(), dtype=torch.float32, device=row_sums.device)
+    return torch.outer(row_sums / total, col_sums)
+
+
+def is_compressed(metadata: dict[str, str] | None) -> bool:
+    return (metadata or {}).get(FORMAT_KEY) == RANK1
+
+
+def compress_moments(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, int]:
+    """Write the rank-1 form of the second-moment file `src` to `dst` (atomically); returns element counts.
+
+    The source's metadata (step, betas, lr) is kept, so bias correction still works on the result.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    tensors: dict[str, Tensor] = {}
+    before = 0
+    try:
+        with safe_open(src, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            if is_compressed(metadata):
+                raise ModelSetError(f"{src} is already compressed")
+            for name in f.keys():
+                v = f.get_tensor(name)
+                before += v.numel()
+                if v.dim() == 2:
+                    tensors[name + ROW_SUFFIX], tensors[name + COL_SUFFIX] = rank1_factors(v)
+                else:
+                    tensors[name] = v.float()
+    except (SafetensorError, OSError) as exc:
+        raise ModelSetError(f"{src}: cannot read second moments ({exc}); check the file") from exc
+    metadata[FORMAT_KEY] = RANK1
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"elements_before": before, "elements_after": sum(t.numel() for t in tensors.values())}
+
