@@ -15,7 +15,21 @@ from mergetune.merge.methods.registry import (
 )
 
 # Importing a method module registers it.
-from mergetune.merge.methods import linear  # noqa: E402,F401
+from mergetune.merge.methods import (  # noqa: E402,F401
+    breadcrumbs,
+    dare,
+    della,
+    fisher,
+    linear,
+    m3,
+    model_stock,
+    ota,
+    passthrough,
+    regmean,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 
 __all__ = [
     "MethodSpec",

@@ -59,6 +59,7 @@ class TensorInputs:
     gram: list[Tensor] | None = None  # per expert X^T X of this linear layer's inputs (in × in)
     generator: torch.Generator = field(default_factory=lambda: tensor_generator(0, ""))
     global_threshold: GlobalThreshold | None = None
+    seed: int | None = None  # the merge's seed, for draws shared by all its tensors (M³'s weights)
 
     def __post_init__(self) -> None:
         if (self.models_given is None) == (self.deltas_given is None):

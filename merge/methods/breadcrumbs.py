@@ -1,0 +1,75 @@
+"""Model Breadcrumbs (Davari & Belilovsky): drop the top-γ outliers and the small entries of each τ.
+
+`breadcrumbs` sums the masked task vectors, `breadcrumbs_ties` adds TIES sign election; both
+un-normalised and not rescaled by default (mergekit 0.1.5).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from mergetune.merge.methods.combine import combine, rescaler
+from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
+from mergetune.merge.sparsify import SCOPES, apply_mask, band_fractions, band_mask, check_choice
+
+
+def band_threshold(x: TensorInputs, model: int, top_fraction: float) -> float:
+    """Global |τ| threshold above which lies `top_fraction` of the expert (±inf at the ends)."""
+    if top_fraction <= 0:
+        return float("inf")
+    if top_fraction >= 1:
+        return float("-inf")
+    return x.threshold("magnitude", model, top_fraction)
+
+
+def breadcrumbs_deltas(
+    x: TensorInputs, density: PerModel, gamma: PerModel, rescale: bool, rescale_mode: str, scope: str, method: str
+) -> list[Tensor]:
+    check_choice(method, "scope", scope, SCOPES)
+    rho = per_model(density, x.num_models)
+    gammas = per_model(gamma, x.num_models)
+    mode = rescaler(method, rescale, rescale_mode)
+    out = []
+    for k, (tau, r, g) in enumerate(zip(x.deltas, rho, gammas)):
+        thresholds = None
+        if scope == "global" and r < 1:
+            top, bottom = band_fractions(r, g)
+            thresholds = (band_threshold(x, k, top), band_threshold(x, k, bottom))
+        out.append(apply_mask(tau, band_mask(tau, r, g, thresholds), mode, r))
+    return out
+
+
+@register("breadcrumbs", needs_base=True, min_models=1)
+def breadcrumbs(
+    x: TensorInputs,
+    *,
+    density: PerModel = 1.0,
+    gamma: PerModel = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    rescale_mode: Literal["inverse_keep", "l1"] = "inverse_keep",
+    scope: Literal["tensor", "global"] = "tensor",
+) -> Tensor:
+    """Outlier-and-small-entry drop, weighted sum of task vectors (mergekit `breadcrumbs`)."""
+    deltas = breadcrumbs_deltas(x, density, gamma, rescale, rescale_mode, scope, "breadcrumbs")
+    return combine(x.base, deltas, x.weights, consensus=False, normalize=normalize, lambda_=lambda_)
+
+
+@register("breadcrumbs_ties", needs_base=True, min_models=1)
+def breadcrumbs_ties(
+    x: TensorInputs,
+    *,
+    density: PerModel = 1.0,
+    gamma: PerModel = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    rescale_mode: Literal["inverse_keep", "l1"] = "inverse_keep",
+    scope: Literal["tensor", "global"] = "tensor",
+) -> Tensor:
+    """Outlier-and-small-entry drop with TIES sign election (mergekit `breadcrumbs_ties`)."""
+    deltas = breadcrumbs_deltas(x, density, gamma, rescale, rescale_mode, scope, "breadcrumbs_ties")
+    return combine(x.base, deltas, x.weights, consensus=True, normalize=normalize, lambda_=lambda_)

@@ -1,0 +1,57 @@
+"""Combining (sparsified) task vectors: weights, TIES sign election, normalisation, λ.
+
+The shared tail of the task-arithmetic family (mergekit's generalized task arithmetic):
+d_k = w_k τ̂_k; with consensus, the elected sign is s = sign(Σ_k d_k) (0 → +1) and only the d_k
+of sign s count; θ = θ₀ + λ·Σ d_k / divisor, the divisor being Σ w_k over the counted entries
+when normalising (a zero divisor counts as 1, so weights summing to 0 never give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mergetune.merge.methods.registry import TensorInputs
+from mergetune.merge.sparsify import (
+    RESCALE_MODES,
+    SCOPES,
+    RescaleMode,
+    Scope,
+    check_choice,
+)
+
+
+def combine(
+    base: Tensor, deltas: list[Tensor], weights: list[float], *, consensus: bool, normalize: bool, lambda_: float
+) -> Tensor:
+    """θ₀ + λ·(weighted, optionally sign-elected and normalised) sum of the task vectors."""
+    weighted = [w * d for w, d in zip(weights, deltas)]
+    if consensus:
+        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+        agree = [d.sign() == elected for d in weighted]  # zeros never agree
+        mixed = sum(d * m for d, m in zip(weighted, agree))
+        divisor = sum(w * m for w, m in zip(weights, agree))
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        mixed = sum(weighted)
+        divisor = sum(weights)
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
+def rescaler(method: str, rescale: bool, mode: str) -> RescaleMode | None:
+    """The `apply_mask` mode for a method's (rescale, rescale_mode) params."""
+    check_choice(method, "rescale_mode", mode, RESCALE_MODES)
+    return mode if rescale else None  # type: ignore[return-value]
+
+
+def global_thresholds(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[float | None]:
+    """Per expert: the global threshold for keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
+    check_choice(method, "scope", scope, SCOPES)
+    if scope == "tensor":
+        return [None] * len(densities)
+    return [x.threshold(kind, k, rho) if 0 < rho < 1 else None for k, rho in enumerate(densities)]

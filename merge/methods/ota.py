@@ -1,0 +1,56 @@
+"""OTA merging with Fast Fisher Grafting (Mahdavinia et al.; ALGORITHMS.md §1 and Part A).
+
+Per expert k, with τ_k = θ_k − θ₀ and v_k its Adam second moment (raw, or the rank-1
+reconstruction the engine hands over):
+- FFG mask m_k = [v_k·τ_k² ≥ q_k], q_k the threshold keeping the top-ρ_k saliencies (per
+  tensor, or over all the expert's tensors with `scope: global`, the paper's choice); ρ ≥ 1: no mask.
+- curvature weight W_k = (s_k·v_k^p + ε)·m_k, with s_k the expert's recipe weight (the
+  reference's `scaling_factor`, 1 by default), p = `power`.
+- θ = θ₀ + Σ W_k τ_k / Σ W_k; when any mask is active, elements with Σ W_k ≤ 1.1·K·ε (every
+  expert masked, or only zero-curvature survivors) fall back to θ₀.
+ε defaults to 1e-30: second moments of LLM fine-tunes are ~1e-20..1e-12, so the reference
+code's 1e-8 would turn OTA into a plain average.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mergetune.core.errors import ConfigError
+from mergetune.merge.methods.combine import global_thresholds
+from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
+from mergetune.merge.sparsify import saliency_mask
+
+
+@register("ota", needs_base=True, min_models=1, needs=("moments",))
+def ota(
+    x: TensorInputs,
+    *,
+    density: PerModel = 1.0,
+    power: float = 0.5,
+    epsilon: float = 1e-30,
+    scope: Literal["tensor", "global"] = "tensor",
+) -> Tensor:
+    """Curvature-weighted (√v) average of FFG-masked task vectors."""
+    if power <= 0:
+        raise ConfigError(f"method 'ota': power must be > 0, not {power}")
+    if any(w < 0 for w in x.weights):
+        raise ConfigError("method 'ota': weights must be ≥ 0 (they scale each expert's curvature)")
+    if x.moments is None:
+        raise ValueError(f"{x.name}: ota needs second moments per expert")
+    rho = per_model(density, x.num_models)
+    thresholds = global_thresholds(x, "ota", scope, "saliency", rho)
+    numerator = torch.zeros_like(x.base)
+    total = torch.zeros_like(x.base)
+    for tau, v, w, r, q in zip(x.deltas, x.moments, x.weights, rho, thresholds):
+        keep = saliency_mask(tau, v, r, q)
+        weight = (w * v.pow(power) + epsilon) * keep
+        numerator += weight * tau
+        total += weight
+    merged = x.base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)
+    if any(r < 1 for r in rho):
+        merged = torch.where(total <= 1.1 * x.num_models * epsilon, x.base, merged)
+    return merged

@@ -1,0 +1,14 @@
+"""Task arithmetic (Ilharco et al.): θ = θ₀ + λ·Σ w_k τ_k, divided by Σ w_k when normalising."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mergetune.merge.methods.combine import combine
+from mergetune.merge.methods.registry import TensorInputs, register
+
+
+@register("task_arithmetic", needs_base=True, min_models=1)
+def task_arithmetic(x: TensorInputs, *, lambda_: float = 1.0, normalize: bool = False) -> Tensor:
+    """Scaled weighted sum of task vectors added to the base (mergekit `task_arithmetic`)."""
+    return combine(x.base, x.deltas, x.weights, consensus=False, normalize=normalize, lambda_=lambda_)
