@@ -37,6 +37,10 @@ from mergetune.studies.cli import register as _register_studies  # noqa: E402
 _register_studies(app)
 from mergetune.search.cli import register as _register_search  # noqa: E402
 _register_search(app)
+from mergetune.zoo.cli import register as _register_zoo  # noqa: E402
+_register_zoo(app)
+from mergetune.merge.cli import register as _register_merge  # noqa: E402
+_register_merge(app)
 # --- end of command registration ---
 
 

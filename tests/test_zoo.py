@@ -1,0 +1,232 @@
+"""The miniature zoo: task splits, files and manifest, Adam moments, lm-eval offline, determinism, CLI errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergetune.zoo.presets import PRESETS
+from mergetune.zoo.tasks import SPLITS, TASKS, task_splits
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mergetune.zoo.build import build_zoo
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    build_zoo(out, "tiny", seed=0)
+    return out
+
+
+def _digests(zoo: Path) -> dict[str, str]:
+    files = sorted(p for p in zoo.rglob("*.safetensors"))
+    return {str(p.relative_to(zoo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_splits_are_disjoint_sized_and_seeded(name):
+    sizes = {"train": 300, "search": 40, "test": 50}
+    splits = task_splits(TASKS[name], sizes, seed=3)
+    prompts = {split: {r["prompt"] for r in splits[split]} for split in SPLITS}
+    assert {split: len(prompts[split]) for split in SPLITS} == sizes
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["search"]
+    assert not prompts["search"] & prompts["test"]
+    assert all(r["prompt"].startswith(f"{name} ") and r["prompt"].endswith("=") for r in splits["test"])
+    assert splits == task_splits(TASKS[name], sizes, seed=3)
+    assert splits["test"] != task_splits(TASKS[name], sizes, seed=4)["test"]
+    # The held-out splits do not move when the train split grows.
+    assert splits["test"] == task_splits(TASKS[name], {**sizes, "train": 600}, seed=3)["test"]
+
+
+def test_task_answers_are_right():
+    for record in task_splits(TASKS["add"], {"train": 0, "search": 0, "test": 20}, 0)["test"]:
+        a, b = record["prompt"].removeprefix("add ").removesuffix("=").split("+")
+        assert int(record["answer"]) == int(a) + int(b)
+    for record in task_splits(TASKS["sort"], {"train": 0, "search": 0, "test": 20}, 0)["test"]:
+        assert record["answer"] == "".join(sorted(record["prompt"].removeprefix("sort ").removesuffix("=")))
+    for record in task_splits(TASKS["reverse"], {"train": 0, "search": 0, "test": 20}, 0)["test"]:
+        assert record["answer"] == record["prompt"].removeprefix("reverse ").removesuffix("=")[::-1]
+    for record in task_splits(TASKS["shift"], {"train": 0, "search": 0, "test": 20}, 0)["test"]:
+        word = record["prompt"].removeprefix("shift ").removesuffix("=")
+        assert record["answer"] == "".join("a" if c == "z" else chr(ord(c) + 1) for c in word)
+
+
+def test_tokenizer_round_trip_from_the_saved_base(tiny_zoo):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "base")
+    text = "reverse abc=cba"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 2)
+    assert tokenizer.padding_side == "left"
+
+
+def test_manifest_describes_the_files(tiny_zoo):
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    assert manifest["preset"] == "tiny" and manifest["seed"] == 0 and manifest["base"] == "base"
+    assert manifest["experts"] == {t: f"experts/{t}" for t in TINY.tasks}
+    assert set(manifest["tasks"]) == set(TINY.tasks)
+    sizes = dict(TINY.split_sizes)
+    for task, entry in manifest["tasks"].items():
+        assert entry["lm_eval"] == {"test": f"zoo_{task}", "search": f"zoo_{task}_search", "include_path": "tasks"}
+        assert entry["max_new_tokens"] == TASKS[task].max_new_tokens
+        for split in SPLITS:
+            lines = (tiny_zoo / entry["splits"][split]).read_text().splitlines()
+            assert len(lines) == sizes[split]
+            assert set(json.loads(lines[0])) == {"prompt", "answer"}
+        for name in (f"zoo_{task}", f"zoo_{task}_search"):
+            assert (tiny_zoo / "tasks" / task / f"{name}.yaml").is_file()
+    for path in [manifest["base"], *manifest["experts"].values()]:
+        config = json.loads((tiny_zoo / path / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is False
+        assert config["hidden_size"] == TINY.hidden_size and config["num_hidden_layers"] == TINY.num_layers
+        assert (tiny_zoo / path / "model.safetensors").is_file()
+    accuracy = manifest["accuracy"]
+    assert accuracy["split"] == "test"
+    assert set(accuracy["experts"]) == set(TINY.tasks)
+    for row in [accuracy["base"], accuracy["uniform_average"], *accuracy["experts"].values()]:
+        assert set(row) == set(TINY.tasks) and all(0.0 <= v <= 1.0 for v in row.values())
+    assert isinstance(accuracy["acceptance"]["passed"], bool)
+    assert manifest["training"]["pretrain"]["steps"] == TINY.pretrain.steps
+    assert manifest["build_seconds"] > 0
+
+
+def test_second_moments_are_keyed_like_named_parameters(tiny_zoo):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    for task in TINY.tasks:
+        expert_dir = tiny_zoo / "experts" / task
+        model = AutoModelForCausalLM.from_pretrained(expert_dir)
+        params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        with safe_open(str(expert_dir / "adam_second_moments.safetensors"), "pt") as moments:
+            assert {name: tuple(moments.get_slice(name).get_shape()) for name in moments.keys()} == params
+            metadata = moments.metadata()
+            assert int(metadata["step"]) == TINY.sft.steps
+            assert (float(metadata["beta1"]), float(metadata["beta2"])) == TINY.sft.betas
+            assert float(metadata["lr"]) == TINY.sft.lr
+            second = moments.get_tensor("model.layers.0.mlp.down_proj.weight")
+            assert (second >= 0).all() and second.sum() > 0
+
+
+def test_experts_differ_from_the_base(tiny_zoo):
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_zoo / "base" / "model.safetensors")
+    expert = load_file(tiny_zoo / "experts" / TINY.tasks[0] / "model.safetensors")
+    assert base.keys() == expert.keys()
+    assert any(not torch.equal(base[k], expert[k]) for k in base)
+
+
+def test_lm_eval_scores_a_zoo_task_offline(tiny_zoo, monkeypatch):
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = json.loads((tiny_zoo / "zoo.json").read_text())
+    task = TINY.tasks[0]
+    lm_eval_names = manifest["tasks"][task]["lm_eval"]
+    manager = TaskManager(include_path=str(tiny_zoo / lm_eval_names["include_path"]))
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo / "experts" / task)
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_zoo / "experts" / task), batch_size=4)
+    results = evaluator.simple_evaluate(
+        model=lm, tasks=[lm_eval_names["test"], lm_eval_names["search"]], limit=3, task_manager=manager
+    )
+    for name in (lm_eval_names["test"], lm_eval_names["search"]):
+        score = results["results"][name]["exact_match,none"]
+        assert 0.0 <= score <= 1.0
+
+
+def test_lm_eval_agrees_with_our_greedy_exact_match(tiny_zoo):
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergetune.evaluators.generation import greedy_generate
+
+    task = TINY.tasks[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo / "base")
+    records = [json.loads(line) for line in (tiny_zoo / "tasks" / task / "test.jsonl").read_text().splitlines()][:4]
+    ours = greedy_generate(model, tokenizer, [r["prompt"] for r in records], TASKS[task].max_new_tokens)
+    results = evaluator.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+        tasks=[f"zoo_{task}"],
+        limit=4,
+        task_manager=TaskManager(include_path=str(tiny_zoo / "tasks")),
+        log_samples=True,
+    )
+    theirs = [s["resps"][0][0] for s in sorted(results["samples"][f"zoo_{task}"], key=lambda s: s["doc_id"])]
+    assert [t.split("\n")[0].strip() for t in theirs] == [o.strip() for o in ours]
+
+
+def test_tiny_build_is_deterministic(tiny_zoo, tmp_path):
+    from mergetune.zoo.build import build_zoo
+
+    torch.set_num_threads(1)
+    build_zoo(tmp_path / "again", "tiny", seed=0)
+    assert _digests(tmp_path / "again") == _digests(tiny_zoo)
+    for task in TINY.tasks:
+        for split in SPLITS:
+            path = Path("tasks") / task / f"{split}.jsonl"
+            assert (tmp_path / "again" / path).read_bytes() == (tiny_zoo / path).read_bytes()
+
+
+def test_another_seed_gives_other_weights(tiny_zoo, tmp_path):
+    from mergetune.zoo.build import build_zoo
+
+    torch.set_num_threads(1)
+    build_zoo(tmp_path / "seed1", "tiny", seed=1)
+    assert _digests(tmp_path / "seed1")["base/model.safetensors"] != _digests(tiny_zoo)["base/model.safetensors"]
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    from mergetune.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_refuses_a_non_empty_output_without_force(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    err = _cli_error(["zoo", "build", str(tmp_path), "--preset", "tiny"], capsys)
+    assert "--force" in err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_cli_refuses_an_unknown_preset(tmp_path, capsys):
+    err = _cli_error(["zoo", "build", str(tmp_path / "z"), "--preset", "huge"], capsys)
+    assert "huge" in err and "tiny" in err and "demo" in err
+    assert not (tmp_path / "z").exists()
+
+
+def test_cli_builds_and_replaces_with_force(tmp_path):
+    from mergetune.cli.main import main
+
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["zoo", "build", str(out), "--preset", "tiny", "--seed", "2", "--force"])
+    assert exit_info.value.code == 0
+    assert not (out / "old.txt").exists()
+    assert json.loads((out / "zoo.json").read_text())["seed"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".zoo.")]
