@@ -207,7 +207,7 @@ class StatsFile:
     def read(self, handle: Callable[[Path], object], key: str) -> Tensor:
         f = handle(self.path)
         if key in self.infos:
-            return f.get_tensor(key).float()
+            return f.get_tensor(key).to(torch.float32, copy=True)
         return rank1.rank1_reconstruct(f.get_tensor(key + rank1.ROW_SUFFIX).float(), f.get_tensor(key + rank1.COL_SUFFIX).float())
 
     def expected_shape(self, tensor_shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -464,7 +464,9 @@ class ModelSetReader:
             raise ModelSetError(f"{ckpt.files[name]}: cannot read tensor {name!r} ({exc}); re-save the model") from None
 
     def tensor(self, ckpt: Checkpoint, name: str) -> Tensor:
-        return self.raw(ckpt, name).to(self.device, torch.float32)
+        # A float32 CPU tensor from safetensors may view the file's mapping, which later reads of the
+        # same handle share: copy, so in-place math never leaks into another read.
+        return self.raw(ckpt, name).to(self.device, torch.float32, copy=True)
 
     def stat(self, kind: str, expert: str, name: str) -> Tensor | None:
         stats = self.modelset.stats[kind].get(expert)
