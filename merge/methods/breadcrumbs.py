@@ -14,12 +14,14 @@ from mergetune.merge.methods.combine import combine, rescaler
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
 from mergetune.merge.sparsify import SCOPES, apply_mask, band_fractions, band_mask, check_choice
 
+FRACTION_TOLERANCE = 1e-9  # ρ + γ sums like 0.9 + 0.1 land a hair below 1
+
 
 def band_threshold(x: TensorInputs, model: int, top_fraction: float) -> float:
     """Global |τ| threshold above which lies `top_fraction` of the expert (±inf at the ends)."""
-    if top_fraction <= 0:
+    if top_fraction <= FRACTION_TOLERANCE:
         return float("inf")
-    if top_fraction >= 1:
+    if top_fraction >= 1 - FRACTION_TOLERANCE:
         return float("-inf")
     return x.threshold("magnitude", model, top_fraction)
 
