@@ -1,0 +1,222 @@
+"""The evaluator interface: backends that own a live model, objectives, typed failures and `build_evaluator`.
+
+A backend holds the model the merge writes into (`weight_sink()`); an evaluator scores
+whatever weights the backend holds right now (`evaluate(backend, split)`), on the same
+seeded subset of each task every call, without writing any file.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mergetune.core.config import validate_model
+from mergetune.core.errors import ConfigError
+from mergetune.merge.sinks import LiveModelSink, Sink
+
+Split = Literal["search", "test"]
+SPLITS: tuple[Split, ...] = ("search", "test")
+Limit = int | float | None
+
+
+class EvaluationFailed(Exception):
+    """Scoring this model failed (NaN/inf logits, a task raised, a timeout); the trial is marked failed."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One reported score: its name in `evaluate`'s result and whether larger is better."""
+
+    name: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class Evaluator(Protocol):
+    objectives: list[Objective]
+
+    def evaluate(self, backend: Any, split: Split = "search") -> dict[str, float]: ...
+
+
+def subset_indices(size: int, limit: Limit, seed: int, key: str) -> list[int]:
+    """The fixed item subset of a task: `limit` items (a count, or a fraction < 1 of `size`),
+    drawn with a RNG seeded by (seed, key), sorted; every item when `limit` is None."""
+    if limit is None:
+        return list(range(size))
+    count = math.ceil(size * limit) if isinstance(limit, float) and limit < 1.0 else int(limit)
+    count = min(max(count, 1), size)
+    return sorted(random.Random(f"{seed}:{key}").sample(range(size), count))
+
+
+@dataclass
+class ForwardGuard:
+    """What one guarded scoring run saw: forward calls, their wall time; raises on NaN logits or past the deadline."""
+
+    deadline: float | None = None
+    calls: int = 0
+    forward_s: float = 0.0
+    _started: list[float] = field(default_factory=list)
+
+    def before(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise EvaluationFailed("timed out (timeout_s)")
+        self._started.append(time.perf_counter())
+
+    def after(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.forward_s += time.perf_counter() - self._started.pop()
+        self.calls += 1
+        logits = getattr(output, "logits", None)
+        if logits is not None and not torch.isfinite(logits).all():
+            from mergetune.evaluators.generation import NonFiniteLogits
+
+            raise NonFiniteLogits("the model produced NaN or inf logits")
+
+
+class HFBackend:
+    """A transformers causal LM on cpu/cuda, scored where it lives; merges write into its parameters."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self._lm_eval_models: dict[str, Any] = {}
+        self.last_guard: ForwardGuard | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto") -> HFBackend:
+        """Load an HF model dir (or hub id, through transformers' cache) and its tokenizer onto `device`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def weight_sink(self) -> Sink:
+        return LiveModelSink(self.model)
+
+    def lm_eval_model(self, batch_size: int | str, model_args: dict[str, Any]) -> Any:
+        """lm-eval's HFLM over the live model (built once per argument set; it reads the weights at call time)."""
+        from lm_eval.models.huggingface import HFLM
+
+        key = repr((batch_size, sorted(model_args.items())))
+        if key not in self._lm_eval_models:
+            self._lm_eval_models[key] = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, **model_args)
+        return self._lm_eval_models[key]
+
+    @contextmanager
+    def guarded(self, timeout_s: float | None) -> Iterator[ForwardGuard]:
+        """Hooks on the model's forward for the duration: NaN/inf check, timeout, forward timing."""
+        guard = ForwardGuard(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+        handles = [
+            self.model.register_forward_pre_hook(guard.before, with_kwargs=True),
+            self.model.register_forward_hook(guard.after, with_kwargs=True),
+        ]
+        try:
+            yield guard
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.last_guard = guard
+
+
+def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Any) -> Any:
+    """`score()` under the backend's guard; any failure becomes `EvaluationFailed` naming the task."""
+    from mergetune.evaluators.generation import NonFiniteLogits
+
+    started = time.monotonic()
+    try:
+        with backend.guarded(timeout_s):
+            result = score()
+    except NonFiniteLogits as exc:
+        raise EvaluationFailed(f"task {name}: {exc}") from exc
+    except EvaluationFailed as exc:
+        raise EvaluationFailed(f"task {name}: {exc}") from exc
+    except Exception as exc:  # a task that breaks must fail the trial, not the worker
+        raise EvaluationFailed(f"task {name}: {type(exc).__name__}: {exc}") from exc
+    # Backends that cannot interrupt a running task (vLLM) still fail it once it ran over.
+    if timeout_s is not None and time.monotonic() - started > timeout_s:
+        raise EvaluationFailed(f"task {name}: timed out (timeout_s={timeout_s})")
+    return result
+
+
+class StrictConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitedConfig(StrictConfig):
+    """Fields every evaluator shares."""
+
+    limit: int | float | None = Field(
+        default=None, description="items per task and split: a count, or a fraction < 1; default all"
+    )
+    seed: int = Field(default=0, description="seeds the fixed item subset")
+    batch_size: int = Field(default=64, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0, description="per task; over it the trial fails")
+
+    @field_validator("limit")
+    @classmethod
+    def _positive_limit(cls, value: Limit) -> Limit:
+        if value is not None and (value <= 0 or (isinstance(value, float) and value > 1.0)):
+            raise ValueError("give a count ≥ 1 or a fraction in (0, 1]")
+        return value
+
+
+def read_zoo(zoo: Path, source: str) -> dict[str, Any]:
+    """A zoo's `zoo.json` (issue 2's layout), or a ConfigError saying how to build one."""
+    import json
+
+    manifest = Path(zoo) / "zoo.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{source}: zoo: {zoo} has no zoo.json; build one with `mergetune zoo build`")
+    return json.loads(manifest.read_text())
+
+
+EVALUATOR_KINDS = ("quick", "lm_eval")
+
+
+def validate_evaluator_config(config: dict[str, Any], source: str = "evaluator") -> StrictConfig:
+    """The evaluator section as its pydantic model (dispatched on `kind`); problems are one-line ConfigErrors."""
+    from mergetune.evaluators.lmeval import LmEvalConfig
+    from mergetune.evaluators.quick import QuickConfig
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: a mapping with `kind: quick|lm_eval` and its settings")
+    kinds: dict[str, type[StrictConfig]] = {"quick": QuickConfig, "lm_eval": LmEvalConfig}
+    kind = config.get("kind")
+    if kind not in kinds:
+        raise ConfigError(f"{source}: kind: {kind!r} is not an evaluator; use one of {', '.join(EVALUATOR_KINDS)}")
+    return validate_model(kinds[kind], config, source)
+
+
+def build_evaluator(config: dict[str, Any], source: str = "evaluator") -> Evaluator:
+    """The evaluator a study config describes (`kind: quick` or `kind: lm_eval`), its data loaded once."""
+    from mergetune.evaluators.lmeval import LmEvalConfig, LmEvalEvaluator
+    from mergetune.evaluators.quick import QuickEvaluator
+
+    validated = validate_evaluator_config(config, source)
+    if isinstance(validated, LmEvalConfig):
+        return LmEvalEvaluator(validated, source)
+    return QuickEvaluator(validated, source)
+
+
+def load_backend(evaluator_config: dict[str, Any], path: str | Path, device: str = "cpu") -> Any:
+    """The backend an evaluator config asks for: `backend: vllm` (lm_eval only) → VLLMBackend, else HFBackend."""
+    from mergetune.evaluators.lmeval import LmEvalConfig
+
+    config = validate_evaluator_config(evaluator_config)
+    if isinstance(config, LmEvalConfig) and config.backend == "vllm":
+        from mergetune.evaluators.vllm import VLLMBackend
+
+        return VLLMBackend.from_pretrained(path, config.model_args, config.batch_size, config.weight_renames)
+    return HFBackend.from_pretrained(path, device)
