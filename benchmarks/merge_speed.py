@@ -1,0 +1,269 @@
+"""Merge speed: mergetune vs mergekit disk to disk, the resident per-trial re-merge, and the memory-bandwidth floor.
+
+Builds a ~100M-parameter random Llama base and 3 perturbed fine-tunes (bfloat16 safetensors)
+in a temp dir, then measures in one run:
+  (a) disk to disk, each merge in a fresh subprocess (wall time of the merge call, peak RSS from
+      VmHWM): mergetune `merge_recipe_to_dir` vs mergekit 0.1.5 `run_merge`, for
+      task_arithmetic and ties (density 0.5) — ties once the method library registers it;
+  (b) the resident re-merge into a live model (`ResidentModelSet.merge_into`, the per-trial cost);
+  (c) the floor: bytes that must be read (base + experts) and written (the merge) ÷ the memory
+      bandwidth of a large torch copy.
+Both tools compute in float32 and write bfloat16, with the same thread count.
+
+    .venv/bin/python benchmarks/merge_speed.py [--threads 1] [--repeats 2]
+
+Prints a rich table and writes benchmarks/results/merge_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXPERTS = ("e1", "e2", "e3")
+
+
+def build_models(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> int:
+    """Base + perturbed fine-tunes saved as bf16 safetensors; returns the parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergetune.zoo.tokenizer import build_char_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    tokenizer = build_char_tokenizer()
+    base.save_pretrained(root / "base", safe_serialization=True)
+    tokenizer.save_pretrained(root / "base")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for i, name in enumerate(EXPERTS):
+        gen = torch.Generator().manual_seed(seed + 1 + i)
+        with torch.no_grad():
+            for key, p in base.state_dict().items():
+                p.copy_(state[key] + 0.01 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        base.save_pretrained(root / name, safe_serialization=True)
+        tokenizer.save_pretrained(root / name)
+    return sum(v.numel() for v in state.values())
+
+
+def rules(method: str) -> dict:
+    params = {"density": 0.5} if method == "ties" else {}
+    return {"method": method, "params": params}
+
+
+def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
+    """One disk-to-disk merge in this (fresh) process: seconds of the merge call and peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if tool == "mergetune":
+        from mergetune.merge.engine import merge_recipe_to_dir
+        from mergetune.merge.recipe import Recipe
+
+        recipe = Recipe.from_dict(
+            {
+                "models": {"base": str(root / "base"), **{e: str(root / e) for e in EXPERTS}},
+                "base": "base",
+                "rules": [rules(method)],
+                "dtype": "bfloat16",
+            }
+        )
+        started = time.perf_counter()
+        merge_recipe_to_dir(recipe, out, seed=0, force=True)
+    else:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        params = {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}
+        config = MergeConfiguration.model_validate(
+            {
+                "merge_method": method,
+                "base_model": str(root / "base"),
+                "models": [{"model": str(root / e), "parameters": params} for e in EXPERTS],
+                "dtype": "float32",
+                "out_dtype": "bfloat16",
+            }
+        )
+        options = MergeOptions(quiet=True, random_seed=0, num_threads=threads, copy_tokenizer=True)
+        started = time.perf_counter()
+        run_merge(config, str(out), options)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss would carry over the forking parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(tool: str, method: str, root: Path, threads: int) -> dict:
+    out = root / f"out-{tool}-{method}"
+    command = [sys.executable, __file__, "--child", tool, "--method", method, "--root", str(root), "--out", str(out), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{tool} {method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large torch copy."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def resident_timings(root: Path, methods: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergetune.merge.modelset import ModelSet, ResidentModelSet
+    from mergetune.merge.recipe import Recipe
+    from mergetune.merge.sinks import LiveModelSink
+
+    modelset = ModelSet.from_dirs(root / "base", {e: root / e for e in EXPERTS})
+    started = time.perf_counter()
+    resident = ResidentModelSet.load(modelset)
+    load_s = time.perf_counter() - started
+    live = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
+    out = {}
+    for method in methods:
+        recipe = Recipe.from_dict(
+            {"models": {"base": str(root / "base"), **{e: str(root / e) for e in EXPERTS}}, "base": "base", "rules": [rules(method)]}
+        )
+        times = [_timed(lambda: resident.merge_into(recipe, LiveModelSink(live), seed=0)) for _ in range(repeats + 1)][1:]
+        out[method] = {"seconds": statistics.median(times), "load_s": load_s}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--child", choices=["mergetune", "mergekit"])
+    parser.add_argument("--method", default="task_arithmetic")
+    parser.add_argument("--root", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=11)
+    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.method, args.root, args.out, args.threads)))
+        return
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergetune.core.versions import package_versions
+    from mergetune.merge.methods import method_names
+
+    torch.set_num_threads(args.threads)
+    console = Console(width=160)
+    methods = ["task_arithmetic"] + (["ties"] if "ties" in method_names() else [])
+    with tempfile.TemporaryDirectory(prefix="merge_speed-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        params = build_models(root, args.hidden, args.layers, args.vocab, args.seed)
+        model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+        console.print(f"built base + {len(EXPERTS)} experts: {params / 1e6:.1f}M params, {model_bytes / 1e6:.0f} MB each (bf16), {time.perf_counter() - started:.0f}s")
+        bandwidth = memory_bandwidth()
+        floor_bytes = (1 + len(EXPERTS)) * model_bytes + model_bytes  # read base + experts, write the merge
+        floor_s = floor_bytes / bandwidth
+        disk: dict[str, dict[str, list[dict]]] = {m: {"mergetune": [], "mergekit": []} for m in methods}
+        for _ in range(args.repeats):
+            for method in methods:
+                for tool in ("mergetune", "mergekit"):
+                    disk[method][tool].append(run_child(tool, method, root, args.threads))
+                    console.print(f"  {method:16s} {tool:9s} {disk[method][tool][-1]}")
+        resident = resident_timings(root, methods, args.repeats)
+
+    table = Table(title=f"Merge speed: {params / 1e6:.0f}M params, base + {len(EXPERTS)} experts, bf16 on disk, {args.threads} thread(s)")
+    for column in ("method", "mergetune s", "mergekit s", "speed-up", "mergetune RSS MB", "mergekit RSS MB", "resident s", "floor s", "resident / floor"):
+        table.add_column(column, justify="right")
+    rows = []
+    for method in methods:
+        ours = min(r["seconds"] for r in disk[method]["mergetune"])
+        theirs = min(r["seconds"] for r in disk[method]["mergekit"])
+        row = {
+            "method": method,
+            "mergetune_s": ours,
+            "mergekit_s": theirs,
+            "speedup": theirs / ours,
+            "mergetune_peak_rss_mb": max(r["peak_rss_mb"] for r in disk[method]["mergetune"]),
+            "mergekit_peak_rss_mb": max(r["peak_rss_mb"] for r in disk[method]["mergekit"]),
+            "resident_s": resident[method]["seconds"],
+            "resident_load_s": resident[method]["load_s"],
+            "floor_s": floor_s,
+            "resident_over_floor": resident[method]["seconds"] / floor_s,
+            "runs": disk[method],
+        }
+        rows.append(row)
+        table.add_row(
+            method,
+            f"{ours:.2f}",
+            f"{theirs:.2f}",
+            f"{row['speedup']:.2f}×",
+            f"{row['mergetune_peak_rss_mb']:.0f}",
+            f"{row['mergekit_peak_rss_mb']:.0f}",
+            f"{row['resident_s']:.3f}",
+            f"{floor_s:.3f}",
+            f"{row['resident_over_floor']:.1f}×",
+        )
+    console.print(table)
+    console.print(
+        f"memory bandwidth (torch copy, read+write): {bandwidth / 1e9:.1f} GB/s; floor = {floor_bytes / 1e6:.0f} MB moved; "
+        f"resident load {rows[0]['resident_load_s']:.1f}s (once per worker)"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "params": params,
+        "model_bytes": model_bytes,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "bandwidth_bytes_per_s": bandwidth,
+        "floor_bytes": floor_bytes,
+        "rows": rows,
+        "machine": platform.platform(),
+        "versions": package_versions(),
+    }
+    (RESULTS / "merge_speed.json").write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {RESULTS / 'merge_speed.json'}")
+
+
+if __name__ == "__main__":
+    main()
