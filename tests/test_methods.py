@@ -62,6 +62,14 @@ def test_linear_weighted_average_and_sum():
     assert_close(merge("linear", x, normalize=False), T(10, 14))
 
 
+def test_linear_from_task_vectors_equals_linear_from_models():
+    base, deltas = T(1, -1), [T(0.5, 2), T(-1, 1)]
+    from_deltas = inputs(base, deltas=deltas, weights=[0.25, 0.5])
+    from_models = inputs(None, models=[base + d for d in deltas], weights=[0.25, 0.5])
+    assert_close(merge("linear", from_deltas), T(1 - 0.5, -1 + 4 / 3))  # θ₀ + (0.25τ₁ + 0.5τ₂)/0.75
+    assert_close(merge("linear", from_deltas, normalize=False), merge("linear", from_models, normalize=False))
+
+
 def test_task_arithmetic_scales_the_weighted_sum_of_task_vectors():
     x = inputs(T(1, 1, 1), deltas=[T(1, -1, 0), T(0, 2, 0)], weights=[0.5, 1.0])
     assert_close(merge("task_arithmetic", x, **{"lambda": 2.0}), T(2, 4, 1))  # 1 + 2·(0.5τ₁ + τ₂)

@@ -25,19 +25,21 @@ def combine(
     base: Tensor, deltas: list[Tensor], weights: list[float], *, consensus: bool, normalize: bool, lambda_: float
 ) -> Tensor:
     """θ₀ + λ·(weighted, optionally sign-elected and normalised) sum of the task vectors."""
+    if not consensus:
+        # One pass per expert into a copy of the base: this is the per-trial hot path.
+        total = sum(weights)
+        scale = lambda_ / total if normalize and abs(total) >= 1e-8 else lambda_
+        out = base.clone()
+        for w, d in zip(weights, deltas):
+            out.add_(d, alpha=w * scale)
+        return out
     weighted = [w * d for w, d in zip(weights, deltas)]
-    if consensus:
-        elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-        agree = [d.sign() == elected for d in weighted]  # zeros never agree
-        mixed = sum(d * m for d, m in zip(weighted, agree))
-        divisor = sum(w * m for w, m in zip(weights, agree))
-        divisor = torch.where(divisor == 0, 1.0, divisor)
-    else:
-        mixed = sum(weighted)
-        divisor = sum(weights)
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
+    agree = [d.sign() == elected for d in weighted]  # zeros never agree
+    mixed = sum(d * m for d, m in zip(weighted, agree))
     if normalize:
-        mixed = mixed / divisor
+        divisor = sum(w * m for w, m in zip(weights, agree))
+        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mergetune.merge.methods.registry import TensorInputs, register
@@ -10,9 +11,16 @@ from mergetune.merge.methods.registry import TensorInputs, register
 @register("linear", needs_base=False, min_models=1)
 def linear(x: TensorInputs, *, normalize: bool = True) -> Tensor:
     """Weighted average of the models' tensors (mergekit `linear`)."""
-    out = sum(w * m for w, m in zip(x.weights, x.models))
     total = sum(x.weights)
     # mergekit has no zero-sum guard (NaN); we leave the weighted sum unscaled instead.
-    if normalize and abs(total) > 1e-8:
-        out = out / total
+    scale = 1 / total if normalize and abs(total) > 1e-8 else 1.0
+    if x.deltas_given is not None:
+        # Σ w_k(θ₀ + τ_k)·s = θ₀·Σw·s + Σ w_k τ_k·s, without materialising the models.
+        out = x.base * (total * scale)
+        for w, d in zip(x.weights, x.deltas_given):
+            out.add_(d, alpha=w * scale)
+        return out
+    out = torch.zeros_like(x.models[0])
+    for w, m in zip(x.weights, x.models):
+        out.add_(m, alpha=w * scale)
     return out
