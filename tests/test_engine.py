@@ -299,3 +299,35 @@ def test_statistics_for_another_model_are_refused(models, tmp_path):
     save_file({"model.norm.weight": torch.ones(7)}, wrong)
     with pytest.raises(ModelSetError, match=r"moments of tensor 'model\.norm\.weight' has shape \[7\], expected \[32\]"):
         ModelSet.from_dirs(Path(models["base"]), {"math": Path(models["math"])}, moments={"math": wrong})
+
+
+def test_real_methods_check_their_inputs_before_any_work(models, tmp_path):
+    from mergetune.core.errors import ConfigError
+
+    bare = {**models}
+    for name in ("math", "code"):
+        bare[name] = str(tmp_path / name)
+        shutil.copytree(models[name], bare[name], ignore=shutil.ignore_patterns(MOMENTS_FILE))
+    with pytest.raises(ModelSetError, match=r"method 'ota' needs Adam second moments for expert 'math'"):
+        merge_recipe_to_dir(_recipe(bare, [{"method": "ota"}]), tmp_path / "out")
+    with pytest.raises(ModelSetError, match=r"method 'regmean' needs RegMean Gram matrices .* `mergetune stats gram"):
+        merge_recipe_to_dir(_recipe(models, [{"method": "regmean"}]), tmp_path / "out")
+    third = {**models, "art": models["code"]}
+    with pytest.raises(ConfigError, match=r"method 'slerp' takes"):
+        _recipe(third, [{"method": "slerp"}])
+    assert not (tmp_path / "out").exists()
+    # With the moments found beside the experts, OTA merges, globally thresholded too.
+    recipe = _recipe(models, [{"method": "ota", "params": {"density": 0.5, "scope": "global"}}])
+    merge_recipe_to_dir(recipe, tmp_path / "ota")
+    modelset = ModelSet.from_recipe(recipe)
+    live = _live(models["base"])
+    ResidentModelSet.load(modelset).merge_into(recipe, LiveModelSink(live), seed=0)
+    disk = _state(tmp_path / "ota")
+    for name, tensor in live.state_dict().items():
+        torch.testing.assert_close(tensor, disk[name], rtol=1e-6, atol=1e-7)
+
+
+def _live(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)

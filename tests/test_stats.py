@@ -99,3 +99,29 @@ def test_bad_calibration_data_is_a_one_line_error(tmp_path):
         read_calibration(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_calibration(tmp_path / "missing.jsonl")
+
+
+def test_regmean_merges_with_computed_grams(setup, tmp_path):
+    from mergetune.merge.engine import merge_recipe_to_dir
+    from mergetune.merge.recipe import Recipe
+
+    models, data = setup
+    grams = {}
+    for name in ("math", "code"):
+        grams[name] = str(tmp_path / f"{name}.safetensors")
+        assert main_exit(["stats", "gram", models[name], "--data", str(data), "--out", grams[name]]) == 0
+    recipe = Recipe.from_dict({"models": models, "base": "base", "rules": [{"method": "regmean"}], "gram": grams})
+    merge_recipe_to_dir(recipe, tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = (load_file(Path(models[n]) / "model.safetensors") for n in ("math", "code"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ga, gb = (load_file(grams[n])[name] for n in ("math", "code"))
+    want = torch.linalg.solve(ga + gb, ga @ a[name].T + gb @ b[name].T).T
+    torch.testing.assert_close(out[name], want, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out["model.norm.weight"], (a["model.norm.weight"] + b["model.norm.weight"]) / 2)
+
+
+def main_exit(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
