@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -56,23 +56,17 @@ def subset_indices(size: int, limit: Limit, seed: int, key: str) -> list[int]:
     return sorted(random.Random(f"{seed}:{key}").sample(range(size), count))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForwardGuard:
-    """What one guarded scoring run saw: forward calls, their wall time; raises on NaN logits or past the deadline."""
+    """Forward hooks of one scoring run: stop past the deadline, raise on NaN/inf logits."""
 
     deadline: float | None = None
-    calls: int = 0
-    forward_s: float = 0.0
-    _started: list[float] = field(default_factory=list)
 
-    def before(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+    def before(self, module: torch.nn.Module, args: Any) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise EvaluationFailed("timed out (timeout_s)")
-        self._started.append(time.perf_counter())
 
-    def after(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        self.forward_s += time.perf_counter() - self._started.pop()
-        self.calls += 1
+    def after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", None)
         if logits is not None and not torch.isfinite(logits).all():
             from mergetune.evaluators.generation import NonFiniteLogits
@@ -87,7 +81,6 @@ class HFBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._lm_eval_models: dict[str, Any] = {}
-        self.last_guard: ForwardGuard | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto") -> HFBackend:
@@ -116,18 +109,14 @@ class HFBackend:
 
     @contextmanager
     def guarded(self, timeout_s: float | None) -> Iterator[ForwardGuard]:
-        """Hooks on the model's forward for the duration: NaN/inf check, timeout, forward timing."""
+        """Hooks on the model's forward for the duration: timeout and NaN/inf check on every call."""
         guard = ForwardGuard(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
-        handles = [
-            self.model.register_forward_pre_hook(guard.before, with_kwargs=True),
-            self.model.register_forward_hook(guard.after, with_kwargs=True),
-        ]
+        handles = [self.model.register_forward_pre_hook(guard.before), self.model.register_forward_hook(guard.after)]
         try:
             yield guard
         finally:
             for handle in handles:
                 handle.remove()
-            self.last_guard = guard
 
 
 def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Any) -> Any:

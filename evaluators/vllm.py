@@ -75,7 +75,6 @@ class VLLMBackend:
     def __init__(self, lm: Any, renames: list[tuple[str, str]] | None = None) -> None:
         self.lm = lm
         self.renames = list(renames or [])
-        self.last_guard: ForwardGuard | None = None
 
     @classmethod
     def from_pretrained(
@@ -104,10 +103,6 @@ class VLLMBackend:
 
     @contextmanager
     def guarded(self, timeout_s: float | None) -> Iterator[ForwardGuard]:
-        """Forward passes run inside the engine, out of reach of hooks: only the deadline is recorded
-        (`run_guarded` fails a task that ran over it) and NaN outputs show up as non-finite scores."""
-        guard = ForwardGuard(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
-        try:
-            yield guard
-        finally:
-            self.last_guard = guard
+        """Forward passes run inside the engine, out of reach of hooks: `run_guarded` fails a task once it
+        ran over its timeout, and NaN outputs show up as non-finite scores (the worker fails those trials)."""
+        yield ForwardGuard(deadline=None if timeout_s is None else time.monotonic() + timeout_s)
