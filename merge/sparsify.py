@@ -99,7 +99,9 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     n = rows.shape[1]
     if n < 2:
         return torch.full_like(tau, density)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)  # 0 = smallest |τ|
+    order = rows.abs().argsort(dim=1)
+    positions = torch.arange(n, dtype=torch.float32, device=tau.device).expand_as(rows)
+    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # 0 = smallest |τ| of the row
     probs = (density - epsilon) + (2 * epsilon / (n - 1)) * ranks
     return probs.reshape(tau.shape)
 
@@ -131,11 +133,15 @@ def band_mask(
         return (magnitude < hi) & (magnitude >= lo)
     n = tau.numel()
     target = int(density * n)
+    if target == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
     n_bot = max(0, n - target - int(gamma * n))
-    order = magnitude.reshape(-1).argsort()
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[order[n_bot : n_bot + target]] = True
-    return keep.reshape(tau.shape)
+    # Ascending ranks [n_bot, n_bot + target) are the values between two order statistics
+    # (two selections instead of mergekit's full sort; equal magnitudes at a bound are all kept).
+    flat = magnitude.reshape(-1)
+    lo = flat.kthvalue(n_bot + 1).values
+    hi = flat.kthvalue(n_bot + target).values
+    return (magnitude >= lo) & (magnitude <= hi)
 
 
 def band_fractions(density: float, gamma: float) -> tuple[float, float]:

@@ -34,15 +34,20 @@ def combine(
             out.add_(d, alpha=w * scale)
         return out
     weighted = [w * d for w, d in zip(weights, deltas)]
-    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0)
-    agree = [d.sign() == elected for d in weighted]  # zeros never agree
-    mixed = sum(d * m for d, m in zip(weighted, agree))
+    total = weighted[0].clone()
+    for d in weighted[1:]:
+        total.add_(d)
+    positive = total >= 0  # the elected sign; 0 elects +
+    mixed, divisor = total.zero_(), torch.zeros_like(total)
+    for w, d in zip(weights, weighted):
+        agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+        mixed.add_(d * agree)
+        divisor.add_(agree, alpha=w)
     if normalize:
-        divisor = sum(w * m for w, m in zip(weights, agree))
-        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
 
 
 def rescaler(method: str, rescale: bool, mode: str) -> RescaleMode | None:
