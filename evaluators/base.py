@@ -10,22 +10,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergetune.core.config import validate_model
 from mergetune.core.errors import ConfigError
+from mergetune.evaluators.generation import NonFiniteLogits
 from mergetune.merge.sinks import LiveModelSink, Sink
 
 Split = Literal["search", "test"]
 SPLITS: tuple[Split, ...] = ("search", "test")
 Limit = int | float | None
+T = TypeVar("T")
 
 
 class EvaluationFailed(Exception):
@@ -69,8 +71,6 @@ class ForwardGuard:
     def after(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         logits = getattr(output, "logits", None)
         if logits is not None and not torch.isfinite(logits).all():
-            from mergetune.evaluators.generation import NonFiniteLogits
-
             raise NonFiniteLogits("the model produced NaN or inf logits")
 
 
@@ -89,6 +89,10 @@ class HFBackend:
 
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # Batched greedy generation pads on the left; many causal LMs ship without a pad token.
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer)
 
     @property
@@ -119,17 +123,13 @@ class HFBackend:
                 handle.remove()
 
 
-def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Any) -> Any:
+def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Callable[[], T]) -> T:
     """`score()` under the backend's guard; any failure becomes `EvaluationFailed` naming the task."""
-    from mergetune.evaluators.generation import NonFiniteLogits
-
     started = time.monotonic()
     try:
         with backend.guarded(timeout_s):
             result = score()
-    except NonFiniteLogits as exc:
-        raise EvaluationFailed(f"task {name}: {exc}") from exc
-    except EvaluationFailed as exc:
+    except (NonFiniteLogits, EvaluationFailed) as exc:
         raise EvaluationFailed(f"task {name}: {exc}") from exc
     except Exception as exc:  # a task that breaks must fail the trial, not the worker
         raise EvaluationFailed(f"task {name}: {type(exc).__name__}: {exc}") from exc
@@ -137,6 +137,13 @@ def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Any) ->
     if timeout_s is not None and time.monotonic() - started > timeout_s:
         raise EvaluationFailed(f"task {name}: timed out (timeout_s={timeout_s})")
     return result
+
+
+def checked_limit(value: Limit) -> Limit:
+    """A count ≥ 1 or a fraction in (0, 1): lm-eval reads a float ≥ 1 as a count, so 1.0 would mean one item."""
+    if value is not None and (value <= 0 or (isinstance(value, float) and value >= 1.0)):
+        raise ValueError("give a count ≥ 1 or a fraction in (0, 1)")
+    return value
 
 
 class StrictConfig(BaseModel):
@@ -155,10 +162,8 @@ class LimitedConfig(StrictConfig):
 
     @field_validator("limit")
     @classmethod
-    def _positive_limit(cls, value: Limit) -> Limit:
-        if value is not None and (value <= 0 or (isinstance(value, float) and value > 1.0)):
-            raise ValueError("give a count ≥ 1 or a fraction in (0, 1]")
-        return value
+    def _limit(cls, value: Limit) -> Limit:
+        return checked_limit(value)
 
 
 def read_zoo(zoo: Path, source: str) -> dict[str, Any]:

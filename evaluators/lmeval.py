@@ -23,6 +23,7 @@ from mergetune.evaluators.base import (
     Objective,
     Split,
     StrictConfig,
+    checked_limit,
     read_zoo,
     run_guarded,
     subset_indices,
@@ -39,6 +40,11 @@ class LmEvalTaskConfig(StrictConfig):
     metric: str | None = Field(default=None, description="`metric` or `metric,filter`; default the task's first metric")
     limit: int | float | None = Field(default=None, description="overrides the evaluator's limit for this task")
     num_fewshot: int | None = Field(default=None, ge=0)
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: Limit) -> Limit:
+        return checked_limit(value)
 
     def lm_eval_task(self, split: Split) -> str:
         return getattr(self, split) or self.task or self.name
@@ -138,7 +144,7 @@ def metric_result_key(results: dict[str, Any], metric: str) -> str:
     if f"{metric},none" in results:
         return f"{metric},none"
     for key in results:
-        if key.split(",", 1)[0] == metric and not key.endswith("_stderr"):
+        if key.split(",", 1)[0] == metric:
             return key
     available = sorted(k for k in results if "," in k and "_stderr" not in k)
     raise KeyError(f"lm-eval reported no metric {metric!r}; it reports {', '.join(available)}")
