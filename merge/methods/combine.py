@@ -38,7 +38,8 @@ def combine(
     for d in weighted[1:]:
         total.add_(d)
     positive = total >= 0  # the elected sign; 0 elects +
-    mixed, divisor = total.zero_(), torch.zeros_like(total)
+    mixed = total.zero_()  # reuse the buffer
+    divisor = torch.zeros_like(total)
     for w, d in zip(weights, weighted):
         agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
         mixed.add_(d * agree)
