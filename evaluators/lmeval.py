@@ -125,6 +125,24 @@ def zoo_tasks(zoo: Path, source: str) -> tuple[list[LmEvalTaskConfig], list[Path
     return tasks, paths
 
 
+def load_task(manager: Any, name: str, num_fewshot: int | None, source: str) -> dict[str, Any]:
+    """lm-eval's task dict for `name`, few-shot count applied as `simple_evaluate` does (a task's explicit 0
+    wins; unset means 0), so scores match the CLI's."""
+    try:
+        task_dict = manager.load([name])
+    except Exception as exc:
+        raise ConfigError(
+            f"{source}: tasks: lm-eval cannot load task {name!r} ({type(exc).__name__}: {exc}); "
+            "check the name (`lm_eval ls tasks`) or include_path"
+        ) from None
+    for leaf in task_dict["tasks"].values():
+        if num_fewshot is not None and leaf.get_config("num_fewshot") != 0:
+            leaf.set_config(key="num_fewshot", value=num_fewshot)
+        elif leaf.get_config("num_fewshot") is None:
+            leaf.set_config(key="num_fewshot", value=0)
+    return task_dict
+
+
 def task_manager(include_path: list[Path], names: set[str]):
     """A TaskManager that finds `names`; lm-eval's ~15k built-in tasks are indexed only when needed (~7 s)."""
     from lm_eval.tasks import TaskManager
@@ -177,21 +195,19 @@ class LmEvalEvaluator:
             include_path += [p for p in zoo_paths if p not in include_path]
         names = {spec.lm_eval_task(split) for spec in specs for split in SPLITS}
         manager = task_manager(include_path, names)
-        loaded: dict[str, dict[str, Any]] = {}
-        for name in sorted(names):
-            try:
-                loaded[name] = manager.load([name])
-            except Exception as exc:
-                raise ConfigError(
-                    f"{source}: tasks: lm-eval cannot load task {name!r} ({type(exc).__name__}: {exc}); "
-                    "check the name (`lm_eval ls tasks`) or include_path"
-                ) from None
-            self._apply_fewshot(loaded[name])
+        # One task dict per (lm-eval task, few-shot count): tasks are stateful, so specs differing in
+        # num_fewshot must not share one.
+        loaded: dict[tuple[str, int | None], dict[str, Any]] = {}
         self.tasks: dict[Split, list[LoadedTask]] = {split: [] for split in SPLITS}
         self.objectives: list[Objective] = []
         for spec in specs:
+            fewshot = spec.num_fewshot if spec.num_fewshot is not None else config.num_fewshot
+            for split in SPLITS:
+                name = spec.lm_eval_task(split)
+                if (name, fewshot) not in loaded:
+                    loaded[name, fewshot] = load_task(manager, name, fewshot, source)
             search_name = spec.lm_eval_task("search")
-            directions = leaf_metrics(loaded[search_name], search_name)
+            directions = leaf_metrics(loaded[search_name, fewshot], search_name)
             metric = spec.metric or next(iter(directions), None)
             if metric is None:
                 raise ConfigError(f"{source}: tasks.{spec.name}: lm-eval task {search_name!r} has no metric")
@@ -205,15 +221,8 @@ class LmEvalEvaluator:
             limit = spec.limit if spec.limit is not None else config.limit
             for split in SPLITS:
                 name = spec.lm_eval_task(split)
-                self.tasks[split].append(LoadedTask(spec.name, name, loaded[name], metric, limit, self._samples(loaded[name], limit)))
-
-    def _apply_fewshot(self, task_dict: dict[str, Any]) -> None:
-        """num_fewshot as `simple_evaluate` applies it (a task's explicit 0 wins), so scores match the CLI's."""
-        for leaf in task_dict["tasks"].values():
-            if self.config.num_fewshot is not None and leaf.get_config("num_fewshot") != 0:
-                leaf.set_config(key="num_fewshot", value=self.config.num_fewshot)
-            elif leaf.get_config("num_fewshot") is None:
-                leaf.set_config(key="num_fewshot", value=0)
+                task_dict = loaded[name, fewshot]
+                self.tasks[split].append(LoadedTask(spec.name, name, task_dict, metric, limit, self._samples(task_dict, limit)))
 
     def _samples(self, task_dict: dict[str, Any], limit: Limit) -> dict[str, list[int]] | None:
         """The seeded item subset of each leaf task (None: lm-eval's own `limit`, i.e. the first items)."""

@@ -214,15 +214,18 @@ def test_lm_eval_scores_equal_the_cli_with_limit(zoo, lm_eval_config, tmp_path):
     assert 0 < ours["rev"] < 1 and cli["zoo_rev"]["exact_match,none"] > ours["rev"]
 
 
-def test_seeded_subset_scores_equal_the_cli_with_the_same_samples(zoo, lm_eval_evaluator, tmp_path):
+def test_seeded_subset_with_few_shot_equals_the_cli_with_the_same_samples(zoo, lm_eval_config, lm_eval_evaluator, tmp_path):
     samples = {name: subset_indices(ITEMS, 8, 0, name) for name in ("zoo_rev_search", "zoo_ppl_search", "zoo_rev")}
     assert samples["zoo_rev_search"] != list(range(8))  # a seeded draw, not the first items
-    cli = run_cli(zoo, tmp_path, "--samples", json.dumps(samples))
+    cli = run_cli(zoo, tmp_path, "--samples", json.dumps(samples), "--num_fewshot", "1")
+    evaluator = build_evaluator({**lm_eval_config, "num_fewshot": 1})
     backend = fresh_backend(zoo / "base")
-    ours = lm_eval_evaluator.evaluate(backend, split="search")
-    assert ours["rev"] == cli["zoo_rev_search"]["exact_match,none"]
-    assert ours["ppl"] == pytest.approx(cli["zoo_ppl_search"]["perplexity,none"], rel=1e-9)
-    assert lm_eval_evaluator.evaluate(backend, split="test")["rev"] == cli["zoo_rev"]["exact_match,none"]
+    for _ in range(2):  # the same few-shot examples on every call
+        ours = evaluator.evaluate(backend, split="search")
+        assert ours["rev"] == cli["zoo_rev_search"]["exact_match,none"]
+        assert ours["ppl"] == pytest.approx(cli["zoo_ppl_search"]["perplexity,none"], rel=1e-9)
+        assert evaluator.evaluate(backend, split="test")["rev"] == cli["zoo_rev"]["exact_match,none"]
+    assert ours["ppl"] != lm_eval_evaluator.evaluate(backend)["ppl"]  # the shot is in the context
 
 
 def test_rescoring_after_in_place_change_equals_fresh_load(zoo, lm_eval_evaluator, quick_evaluator):
