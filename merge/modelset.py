@@ -550,6 +550,8 @@ class ResidentModelSet:
         self.vectors = vectors  # expert → name → τ (or θ when there is no base)
         self.stats = stats  # kind → expert → name → statistic
         self.thresholds = GlobalThresholds(self._scores)
+        largest = max(t.numel() for t in next(iter(vectors.values())).values())
+        self._scratch = torch.empty(largest, dtype=torch.float32, device=device)
 
     @classmethod
     def load(cls, modelset: ModelSet, device: str = "cpu") -> ResidentModelSet:
@@ -584,13 +586,21 @@ class ResidentModelSet:
                     yield v * tau.square()
 
     def merge_into(self, recipe: Recipe, sink: Sink, seed: int) -> dict[str, float]:
-        """Merge the recipe into `sink` tensor by tensor; returns timings (seconds)."""
+        """Merge the recipe into `sink` tensor by tensor; returns timings (seconds).
+
+        Rules whose method is a fixed linear combination of the base and the task vectors
+        (linear, task_arithmetic) are summed in place into one preallocated buffer — one pass per
+        input, no allocation; every other method runs through the method library.
+        """
         schedule = self.modelset.plan(recipe)
+        combinations = {id(plan): linear_combination(plan) for _, plan in schedule if plan is not None}
         compute = write = 0.0
         for name, plan in schedule:
             started = time.perf_counter()
             if plan is None:
                 out = self.base[name] if self.base is not None else self.vectors[next(iter(self.vectors))][name]
+            elif combinations[id(plan)] is not None:
+                out = self._combine(name, plan.experts, *combinations[id(plan)])
             else:
                 given = [self.vectors[e][name] for e in plan.experts]
                 stats = {
@@ -613,3 +623,35 @@ class ResidentModelSet:
             write += time.perf_counter() - computed
         sink.close()
         return {"merge_compute_s": compute, "merge_write_s": write}
+
+    def _combine(self, name: str, experts: list[str], base_coefficient: float, coefficients: list[float]) -> Tensor:
+        """base_coefficient·θ₀ + Σ c_k·τ_k (θ_k without a base) in the scratch buffer, valid until the next call."""
+        first = self.vectors[experts[0]][name]
+        out = self._scratch[: first.numel()].view(first.shape)
+        if self.base is not None:
+            torch.mul(self.base[name], base_coefficient, out=out)
+        else:
+            out.zero_()
+        for expert, c in zip(experts, coefficients):
+            if c != 0.0:
+                out.add_(self.vectors[expert][name], alpha=c)
+        return out
+
+
+def linear_combination(plan: RulePlan) -> tuple[float, list[float]] | None:
+    """(base coefficient, per-expert task-vector coefficients) for methods that are a fixed linear
+    combination, mirroring `methods/linear.py` and `methods/task_arithmetic.py` (tests compare both paths)."""
+
+    def param(public: str) -> object:
+        spec = plan.spec.params[public]
+        return plan.kwargs.get(spec.arg, spec.default)
+
+    weights, total = plan.weights, sum(plan.weights)
+    if plan.spec.name == "linear":
+        divisor = total if param("normalize") and abs(total) > 1e-8 else 1.0
+        return total / divisor, [w / divisor for w in weights]
+    if plan.spec.name == "task_arithmetic":
+        divisor = total if param("normalize") and abs(total) >= 1e-8 else 1.0
+        scale = float(param("lambda"))
+        return 1.0, [scale * w / divisor for w in weights]
+    return None
