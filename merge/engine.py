@@ -1,8 +1,8 @@
 """The streaming merge engine: read one tensor of every model, merge it by its recipe rule, hand it to a sink.
 
 Disk to disk (`merge_recipe_to_dir`, the `mergetune merge` command) it holds one tensor per
-model at a time, read lazily with `safe_open` from single-file or sharded checkpoints, and
-writes through `SafetensorsSink` into a temp dir renamed at the end. Tensors no rule matches
+model at a time, read lazily at the offsets of the safetensors headers (single-file or sharded
+with an index json), and writes through `SafetensorsSink` into a temp dir renamed at the end. Tensors no rule matches
 keep the base model's value. The search's in-memory variant is `modelset.ResidentModelSet`.
 """
 
@@ -67,7 +67,12 @@ def merge_modelset(
                 models = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
                 stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
                 loaded = time.perf_counter()
-                out = merge_tensor(plan, name, base, models, None, stats, seed, thresholds)
+                if base is not None and plan.spec.needs_base:
+                    # Methods over task vectors get them made in place from the freshly read tensors.
+                    deltas = [m.sub_(base) for m in models]
+                    out = merge_tensor(plan, name, base, None, deltas, stats, seed, thresholds)
+                else:
+                    out = merge_tensor(plan, name, base, models, None, stats, seed, thresholds)
             computed = time.perf_counter()
             sink.write(name, out)
             read += loaded - started
