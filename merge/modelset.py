@@ -255,26 +255,32 @@ class GlobalThresholds:
         return self._cache[key]
 
     def _compute(self, kind: str, expert: str, keep: float) -> float:
-        total = sum(s.numel() for s in self._scores(kind, expert))
+        # One pass counts the scores, keeps them if they fit, and brackets the positive ones.
+        chunks: list[Tensor] | None = []
+        total, positives, lo, hi = 0, 0, math.inf, -math.inf
+        for s in self._scores(kind, expert):
+            flat = s.reshape(-1)
+            total += flat.numel()
+            if total > self._exact_limit:
+                chunks = None  # too many to hold: histogram instead
+            if chunks is not None:
+                chunks.append(flat)
+            pos = flat[flat > 0]
+            if pos.numel():
+                positives += pos.numel()
+                lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
         k = int(keep * total)
         if k <= 0:
             return math.inf
         if k >= total:
             return -math.inf
-        if total <= self._exact_limit:
-            flat = torch.cat([s.reshape(-1) for s in self._scores(kind, expert)])
-            return float(flat.kthvalue(total - k + 1).values)
-        return self._histogram_kth_largest(kind, expert, k)
-
-    def _histogram_kth_largest(self, kind: str, expert: str, k: int) -> float:
-        lo, hi, positives = math.inf, -math.inf, 0
-        for s in self._scores(kind, expert):
-            pos = s[s > 0]
-            if pos.numel():
-                positives += pos.numel()
-                lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
+        if chunks is not None:
+            return float(torch.cat(chunks).kthvalue(total - k + 1).values)
         if k > positives:
             return 0.0  # every positive score is kept, and ties at 0 are kept with them
+        return self._histogram_kth_largest(kind, expert, k, lo, hi)
+
+    def _histogram_kth_largest(self, kind: str, expert: str, k: int, lo: float, hi: float) -> float:
         log_lo, width = math.log(lo), max(math.log(hi) - math.log(lo), 1e-30) / self.BINS
 
         def bins(pos: Tensor) -> Tensor:
@@ -287,7 +293,11 @@ class GlobalThresholds:
         from_top = counts.flip(0).cumsum(0)
         target = int(self.BINS - 1 - int((from_top >= k).nonzero()[0]))
         above = int(counts[target + 1 :].sum())
-        bracket = torch.cat([pos[bins(pos) == target] for s in self._scores(kind, expert) for pos in [s[s > 0]]])
+        in_bin = []
+        for s in self._scores(kind, expert):
+            pos = s[s > 0]
+            in_bin.append(pos[bins(pos) == target])
+        bracket = torch.cat(in_bin)
         return float(bracket.kthvalue(bracket.numel() - (k - above) + 1).values)
 
 
