@@ -122,7 +122,8 @@ def resolve_model_dir(spec: str | Path) -> Path:
         patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.jinja"]
         return Path(snapshot_download(str(spec), allow_patterns=patterns))
     except Exception as exc:  # any hub/network failure is the same fix for the user
-        raise ModelSetError(f"model {str(spec)!r} is neither a local directory nor a reachable hub repo ({exc})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelSetError(f"model {str(spec)!r} is neither a local directory nor a reachable hub repo ({reason})") from None
 
 
 @dataclass
