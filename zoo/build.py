@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,8 @@ from mergetune.zoo.presets import Preset, Schedule, get_preset
 from mergetune.zoo.tasks import SPLITS, TASKS, task_splits
 from mergetune.zoo.tokenizer import build_char_tokenizer
 from mergetune.zoo.train import encode_examples, optimizer_metadata, second_moments, train
+
+log = logging.getLogger(__name__)
 
 MOMENTS_FILE = "adam_second_moments.safetensors"
 # Acceptance of the demo preset (issue 2): experts must gain, the plain average must interfere.
@@ -139,9 +142,15 @@ def _progress(console: Console) -> Progress:
 
 def _train_with_progress(progress: Progress, label: str, model, examples, schedule: Schedule, **kwargs):
     bar = progress.add_task(label, total=schedule.steps, loss=float("nan"))
-    return train(
-        model, examples, schedule, on_step=lambda step, loss: progress.update(bar, completed=step + 1, loss=loss), **kwargs
-    )
+    started = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        progress.update(bar, completed=step + 1, loss=loss)
+        # Without a terminal the bar only shows at the end; log milestones for build logs.
+        if not progress.console.is_terminal and (step + 1) % 100 == 0:
+            log.info("%s: step %d/%d, loss %.3f, %.1f s", label, step + 1, schedule.steps, loss, time.perf_counter() - started)
+
+    return train(model, examples, schedule, on_step=on_step, **kwargs)
 
 
 def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: bool = False, console: Console | None = None) -> dict:

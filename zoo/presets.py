@@ -63,11 +63,11 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             name="demo",
             tasks=("reverse", "sort", "add", "shift"),
             hidden_size=128,
-            intermediate_size=512,
+            intermediate_size=256,
             num_layers=4,
             num_heads=4,
             split_sizes=(("train", 5000), ("search", 150), ("test", 200)),
-            pretrain=Schedule(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
+            pretrain=Schedule(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
             sft=Schedule(steps=200, batch_size=32, lr=3e-4),
         ),
     }
