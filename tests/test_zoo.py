@@ -199,9 +199,12 @@ def _cli_error(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    return err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # Progress bars may precede it; the error itself is one line.
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and err.rstrip().endswith(error_lines[0])
+    return error_lines[0]
 
 
 def test_cli_refuses_a_non_empty_output_without_force(tmp_path, capsys):
@@ -230,3 +233,17 @@ def test_cli_builds_and_replaces_with_force(tmp_path):
     assert not (out / "old.txt").exists()
     assert json.loads((out / "zoo.json").read_text())["seed"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".zoo.")]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import LlamaForCausalLM
+
+    def disk_full(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", disk_full)
+    torch.set_num_threads(1)
+    err = _cli_error(["zoo", "build", str(tmp_path / "z"), "--preset", "tiny"], capsys)
+    assert "disk full" in err
+    assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import json
 import logging
 import time
@@ -14,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,6 +86,17 @@ def save_moments(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     path.write_bytes(bytes(data))
 
 
+@contextlib.contextmanager
+def safetensors_disk_errors():
+    """safetensors reports a full disk as SafetensorError; re-raise it as the OSError `atomic_output_dir` handles."""
+    try:
+        yield
+    except SafetensorError as exc:
+        if "os error 28" in str(exc):
+            raise OSError(errno.ENOSPC, str(exc)) from exc
+        raise
+
+
 def average_state_dict(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The uniform average of the experts' weights (the naive merge the acceptance compares against)."""
     states = [m.state_dict() for m in models]
@@ -116,7 +130,8 @@ def acceptance(base: dict[str, float], experts: dict[str, dict[str, float]], ave
 
 
 def accuracy_table(accuracy: dict, tasks: tuple[str, ...]) -> Table:
-    table = Table(title=f"exact match (%) on the test splits — acceptance {'passed' if accuracy['acceptance']['passed'] else 'FAILED'}")
+    verdict = "passed" if accuracy["acceptance"]["passed"] else "not met"
+    table = Table(title=f"exact match (%) on the test splits; demo acceptance (gain ≥ 15, average drop ≥ 10 on ≥ 2 tasks): {verdict}")
     table.add_column("model")
     for task in tasks:
         table.add_column(task, justify="right")
@@ -169,7 +184,7 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
     sizes = dict(preset.split_sizes)
     splits = {task: task_splits(TASKS[task], sizes, seed) for task in preset.tasks}
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force) as tmp, safetensors_disk_errors():
         task_entries = {}
         for task in preset.tasks:
             task_dir = tmp / "tasks" / task
