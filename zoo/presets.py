@@ -50,7 +50,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
     {
         "tiny": Preset(
             name="tiny",
-            tasks=("reverse", "sort", "add", "shift"),
+            tasks=("reverse", "sort", "dedup", "skip"),
             hidden_size=32,
             intermediate_size=64,
             num_layers=2,
@@ -61,14 +61,14 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
         ),
         "demo": Preset(
             name="demo",
-            tasks=("reverse", "sort", "add", "shift"),
+            tasks=("reverse", "sort", "dedup", "skip"),
             hidden_size=128,
             intermediate_size=256,
             num_layers=4,
             num_heads=4,
             split_sizes=(("train", 5000), ("search", 150), ("test", 200)),
             pretrain=Schedule(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
-            sft=Schedule(steps=200, batch_size=32, lr=3e-4),
+            sft=Schedule(steps=300, batch_size=32, lr=3e-4),
         ),
     }
 )

@@ -28,33 +28,33 @@ def _letters(rng: random.Random, low: int, high: int) -> str:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    word = _letters(rng, 3, 8)
+    word = _letters(rng, 5, 12)
     return word, word[::-1]
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(4, 9)))
-    return digits, "".join(sorted(digits))
+    word = _letters(rng, 5, 10)
+    return word, "".join(sorted(word))
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
-    return f"{a}+{b}", str(a + b)
+def _dedup(rng: random.Random) -> tuple[str, str]:
+    # A 12-letter alphabet so that most words repeat a letter; the answer keeps first occurrences.
+    word = "".join(rng.choice(string.ascii_lowercase[:12]) for _ in range(rng.randint(5, 10)))
+    return word, "".join(dict.fromkeys(word))
 
 
-def _shift(rng: random.Random) -> tuple[str, str]:
-    # Caesar shift by one: a per-character rule the base must learn, unlike plain copying.
-    word = _letters(rng, 3, 8)
-    shifted = "".join(string.ascii_lowercase[(string.ascii_lowercase.index(c) + 1) % 26] for c in word)
-    return word, shifted
+def _skip(rng: random.Random) -> tuple[str, str]:
+    # Every other letter, from the first.
+    word = _letters(rng, 6, 14)
+    return word, word[::2]
 
 
 TASKS: MappingProxyType[str, Task] = MappingProxyType(
     {
-        "reverse": Task("reverse", _reverse, max_new_tokens=10),
+        "reverse": Task("reverse", _reverse, max_new_tokens=13),
         "sort": Task("sort", _sort, max_new_tokens=11),
-        "add": Task("add", _add, max_new_tokens=6),
-        "shift": Task("shift", _shift, max_new_tokens=10),
+        "dedup": Task("dedup", _dedup, max_new_tokens=11),
+        "skip": Task("skip", _skip, max_new_tokens=8),
     }
 )
 
