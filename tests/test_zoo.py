@@ -247,3 +247,15 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatc
     err = _cli_error(["zoo", "build", str(tmp_path / "z"), "--preset", "tiny"], capsys)
     assert "disk full" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_demo_preset_meets_the_acceptance(tmp_path):
+    """Issue 2's figures: experts gain ≥ 15 points on their task, the uniform average interferes on ≥ 2 tasks."""
+    from mergetune.zoo.build import build_zoo
+
+    manifest = build_zoo(tmp_path / "demo", "demo", seed=0)
+    acceptance = manifest["accuracy"]["acceptance"]
+    assert all(gain >= 0.15 for gain in acceptance["expert_gain"].values()), acceptance
+    assert sum(drop >= 0.10 for drop in acceptance["average_drop"].values()) >= 2, acceptance
+    assert acceptance["passed"]
