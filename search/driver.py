@@ -54,7 +54,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage | str:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return url
     # A database server may restart under a long study: test pooled connections before use.
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError as exc:  # Optuna's wrapper of the missing database driver
+        missing = getattr(exc.__cause__, "name", None) or "its database driver"
+        extra = " (pip install 'mergetune[postgres]')" if url.startswith("postgresql") else ""
+        raise ConfigError(f"storage: {url.split('://')[0]} URLs need the Python package {missing}{extra}") from None
 
 
 class StorageUnavailable(MergetuneError):

@@ -171,27 +171,35 @@ def start_driver(tmp_path, config, delay):
         config = parse_study_config({config.model_dump(mode="json")!r}, "test")
         run_study(config, worker_cls=SlowWorker)
     """))
-    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=log)
+    driver.log_path = log_path  # wait_for_complete shows the driver's stderr when it fails
+    return driver
 
 
-def wait_for_complete(config, n, timeout=90):
+def wait_for_complete(config, n, timeout=90, driver=None):
+    """Poll the storage until `n` trials are COMPLETE; a driver that exits first fails at once with its stderr."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.3)
+        if driver is not None and driver.poll() is not None:
+            break
         try:
             study = load_study(config.study, config.storage_url)
         except Exception:
             continue
         if len(study.get_trials(states=(TrialState.COMPLETE,))) >= n:
             return
-    raise AssertionError(f"the driver did not complete {n} trials in {timeout}s")
+    stderr = driver.log_path.read_text()[-3000:] if driver is not None else ""
+    raise AssertionError(f"the driver did not complete {n} trials in {timeout}s\n{stderr}")
 
 
 def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_path):
     config = study_config(tmp_path, "killed", 14, ray={"workers": 2, "address": ray_session})
     driver = start_driver(tmp_path, config, delay=0.4)
     try:
-        wait_for_complete(config, 3)
+        wait_for_complete(config, 3, driver=driver)
     finally:
         driver.kill()  # SIGKILL: no cleanup at all
         driver.wait()
@@ -211,7 +219,7 @@ def test_ctrl_c_lets_in_flight_trials_finish_and_leaves_the_study_consistent(ray
     config = study_config(tmp_path, "interrupted", 40, ray={"workers": 2, "address": ray_session})
     driver = start_driver(tmp_path, config, delay=0.4)
     try:
-        wait_for_complete(config, 2)
+        wait_for_complete(config, 2, driver=driver)
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=30) == 0
     finally:

@@ -71,7 +71,7 @@ def test_postgres_study_survives_driver_kill_9_and_resumes(ray_session, postgres
     config = study_config(tmp_path, "pg_killed", 12, storage=postgres.url, ray={"workers": 2, "address": ray_session})
     driver = start_driver(tmp_path, config, delay=0.4)
     try:
-        wait_for_complete(config, 3)
+        wait_for_complete(config, 3, driver=driver)
     finally:
         driver.kill()
         driver.wait()
@@ -88,7 +88,7 @@ def test_postgres_outage_mid_study_is_retried_and_nothing_is_lost(ray_session, p
     config = study_config(tmp_path, "pg_outage", 14, storage=postgres.url, ray={"workers": 2, "address": ray_session})
     driver = start_driver(tmp_path, config, delay=0.3)
     try:
-        wait_for_complete(config, 3)
+        wait_for_complete(config, 3, driver=driver)
         postgres.stop("immediate")  # like a crash: open connections die mid-session
         down = time.monotonic()
         time.sleep(4)
@@ -106,7 +106,7 @@ def test_storage_outage_longer_than_the_window_stops_cleanly_and_resumes(ray_ses
     )
     driver = start_driver(tmp_path, config, delay=0.3)
     try:
-        wait_for_complete(config, 2)
+        wait_for_complete(config, 2, driver=driver)
         postgres.stop("immediate")
         assert driver.wait(timeout=60) != 0  # gave up after the retry window, without hanging
     finally:

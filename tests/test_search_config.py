@@ -71,3 +71,10 @@ def test_mistakes_are_one_line_errors_naming_the_field(data, message):
 def test_zoo_shortcut_refuses_a_directory_that_is_not_a_zoo(tmp_path):
     with pytest.raises(ConfigError, match="is not a zoo"):
         parse_study_config({"study": "s", "zoo": str(tmp_path)}, "t")
+
+
+def test_a_storage_url_without_its_database_driver_names_the_package():
+    from mergetune.search.driver import open_storage
+
+    with pytest.raises(ConfigError, match="mysql\\+pymysql URLs need the Python package pymysql"):
+        open_storage("mysql+pymysql://user@127.0.0.1/db")
