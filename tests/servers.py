@@ -3,8 +3,10 @@ and a multi-node Ray cluster (`ray start --head` plus a second node joined by ad
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -101,9 +103,50 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 class RayCluster:
     address: str
     env: dict[str, str]
+    root: Path
 
     def stop(self) -> None:
-        subprocess.run([_ray_cli(), "stop", "--force"], env=self.env, capture_output=True)
+        """Stop this cluster's processes only, by pid (`ray stop` would kill every Ray on the machine)."""
+        pids = _cluster_pids(self.root, self.address.rsplit(":", 1)[1])
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if _alive(pid)]
+                time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cluster_pids(root: Path, port: str) -> list[int]:
+    """Processes whose command line names the cluster's temp dir or GCS port, and their descendants."""
+    marks = (str(root).encode(), f"127.0.0.1:{port}".encode(), f"gcs_server_port={port}".encode())
+    parents: dict[int, int] = {}
+    ours: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            parents[int(proc.name)] = int((proc / "stat").read_text().split(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(mark in cmdline for mark in marks):
+            ours.add(int(proc.name))
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in ours} - ours
+        ours |= children
+        grew = bool(children)
+    ours.discard(os.getpid())
+    return sorted(ours)
 
 
 def _ray_cli() -> str:
@@ -116,29 +159,34 @@ def start_ray_cluster(root: Path, head_cpus: int = 1, worker_cpus: int = 1, work
     The second node carries the custom resource `worker_resource` so tests can pin work to it.
     """
     port = free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # A local ray.init() leaves ~/.ray/auth_token, which turns on token auth for `ray start --head`
+    # but not for a node joining it; a loopback test cluster runs without auth.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     common = ["--disable-usage-stats", "--num-gpus=0"]
-    subprocess.run(
-        [
-            _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={head_cpus}", "--include-dashboard=false", f"--temp-dir={root}", *common,
-        ],
-        check=True, capture_output=True, env=env,
-    )
     address = f"127.0.0.1:{port}"
-    subprocess.run(
-        [
-            _ray_cli(), "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={worker_cpus}", f'--resources={{"{worker_resource}": 1}}', *common,
-        ],
-        check=True, capture_output=True, env=env,
-    )
-    deadline = time.monotonic() + 60
-    cluster = RayCluster(address, env)
-    while time.monotonic() < deadline:
-        status = subprocess.run([_ray_cli(), "status", f"--address={address}"], capture_output=True, text=True, env=env)
-        if status.stdout.count("node_") >= 2 or worker_resource in status.stdout:
-            return cluster
-        time.sleep(1)
-    cluster.stop()
-    raise RuntimeError(f"the second Ray node did not join {address} within 60 s")
+    cluster = RayCluster(address, env, Path(root))
+    try:
+        _run(
+            [
+                _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={head_cpus}", "--include-dashboard=false", f"--temp-dir={root}", *common,
+            ],
+            env=env,
+        )
+        _run(
+            [
+                _ray_cli(), "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={worker_cpus}", f'--resources={{"{worker_resource}": 1}}', *common,
+            ],
+            env=env,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = subprocess.run([_ray_cli(), "status", f"--address={address}"], capture_output=True, text=True, env=env)
+            if status.stdout.count("node_") >= 2 or worker_resource in status.stdout:
+                return cluster
+            time.sleep(1)
+        raise RuntimeError(f"the second Ray node did not join {address} within 60 s")
+    except BaseException:
+        cluster.stop()
+        raise
