@@ -41,9 +41,10 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except OSError as exc:
+    except (OSError, DiskFullError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        # A DiskFullError from an atomic dir nested in this one names our temp dir; name `out` instead.
+        if isinstance(exc, DiskFullError) or exc.errno == errno.ENOSPC:
             raise DiskFullError(f"disk full while writing {out}; nothing was written, free space and retry") from exc
         raise
     except BaseException:
