@@ -25,6 +25,7 @@ from mergetune.evaluators.generation import NonFiniteLogits
 from mergetune.merge.sinks import LiveModelSink, Sink
 
 Split = Literal["search", "test"]
+Part = Literal["all", "head", "rest"]
 SPLITS: tuple[Split, ...] = ("search", "test")
 Limit = int | float | None
 T = TypeVar("T")
@@ -46,6 +47,15 @@ class Evaluator(Protocol):
     objectives: list[Objective]
 
     def evaluate(self, backend: Any, split: Split = "search") -> dict[str, float]: ...
+
+
+class StagedEvaluator(Evaluator, Protocol):
+    """An evaluator that can score the head of each task's subset, then the rest, for two-stage pruning;
+    the per-item scores of both parts, concatenated, are exactly those of `part="all"`."""
+
+    def score_items(
+        self, backend: Any, split: Split = "search", part: Part = "all", first_share: float = 1.0
+    ) -> dict[str, list[float]]: ...
 
 
 def subset_indices(size: int, limit: Limit, seed: int, key: str) -> list[int]:

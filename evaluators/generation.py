@@ -17,8 +17,12 @@ def exact_match(predictions: list[str], answers: list[str]) -> float:
     """Share of predictions equal to their answer after `normalize_answer`, in [0, 1]."""
     if not answers:
         return 0.0
-    hits = sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers, strict=True))
-    return hits / len(answers)
+    return sum(exact_matches(predictions, answers)) / len(answers)
+
+
+def exact_matches(predictions: list[str], answers: list[str]) -> list[float]:
+    """Per item: 1.0 where the prediction equals its answer after `normalize_answer`, else 0.0."""
+    return [float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(predictions, answers, strict=True)]
 
 
 class NonFiniteLogits(ValueError):
@@ -82,10 +86,10 @@ def greedy_generate(
 
 
 @torch.inference_mode()
-def answer_logprob(model: torch.nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64) -> float:
-    """Mean over items of the answer's log-likelihood per answer token, given the prompt (teacher forcing)."""
+def answer_logprobs(model: torch.nn.Module, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64) -> list[float]:
+    """Per item: the answer's mean log-likelihood per answer token, given the prompt (teacher forcing)."""
     device = next(model.parameters()).device
-    total, items = 0.0, 0
+    values: list[float] = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
         batch_answers = answers[start : start + batch_size]
@@ -102,9 +106,7 @@ def answer_logprob(model: torch.nn.Module, tokenizer, prompts: list[str], answer
             pad = width - length  # left padding
             answer_positions = slice(pad + prompt_len - 1, width - 1)
             span = logprobs[row, answer_positions]
-            total += float(span.mean()) if span.numel() else 0.0
-            items += 1
-    result = total / max(items, 1)
-    if not math.isfinite(result):
+            values.append(float(span.mean()) if span.numel() else 0.0)
+    if not all(math.isfinite(v) for v in values):
         raise NonFiniteLogits("non-finite answer log-likelihood")
-    return result
+    return values

@@ -1,13 +1,16 @@
 """The quick evaluator: local JSONL tasks scored by batched greedy exact match and/or answer log-likelihood.
 
 No lm-eval in the loop: the fixed subsets are read once at construction, and a call is
-a few batched forward passes per task — for fast searches and tests.
+a few batched forward passes per task — for fast searches and tests. Scores are means of
+per-item scores, so a subset can also be scored in two parts (head, then rest) whose
+per-item scores combine into exactly the one-call result (two-stage pruning, search/pruning.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,13 +23,14 @@ from mergetune.evaluators.base import (
     HFBackend,
     LimitedConfig,
     Objective,
+    Part,
     Split,
     StrictConfig,
     read_zoo,
     run_guarded,
     subset_indices,
 )
-from mergetune.evaluators.generation import answer_logprob, exact_match, greedy_generate
+from mergetune.evaluators.generation import answer_logprobs, exact_matches, greedy_generate
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +126,42 @@ class QuickEvaluator:
 
     def evaluate(self, backend: HFBackend, split: Split = "search") -> dict[str, float]:
         """Scores of the backend's current weights on each task's fixed `split` subset."""
+        return mean_scores(self.score_items(backend, split))
+
+    def head_size(self, items: int, first_share: float) -> int:
+        """Items of a subset scored in the head: ceil(share · items) rounded up to whole batches, so the head
+        and the rest run exactly the batches a one-call evaluation runs (bit-identical per-item scores)."""
+        batch = self.config.batch_size
+        return min(items, math.ceil(math.ceil(first_share * items) / batch) * batch)
+
+    def score_items(
+        self, backend: HFBackend, split: Split = "search", part: Part = "all", first_share: float = 1.0
+    ) -> dict[str, list[float]]:
+        """Per objective, per-item scores of the backend's current weights on `part` of each task's `split` subset:
+        all of it, its head (`head_size(first_share)` items) or the rest after the head."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        scores: dict[str, float] = {}
+        scores: dict[str, list[float]] = {}
         for task in self.tasks:
-            scores.update(run_guarded(task.name, backend, self.config.timeout_s, lambda: self._score(backend, task, split)))
+            size = len(task.prompts[split])
+            head = self.head_size(size, first_share)
+            items = {"all": slice(0, size), "head": slice(0, head), "rest": slice(head, size)}[part]
+            scores.update(run_guarded(task.name, backend, self.config.timeout_s, lambda: self._score(backend, task, split, items)))
         return scores
 
-    def _score(self, backend: HFBackend, task: QuickTask, split: Split) -> dict[str, float]:
-        prompts, answers = task.prompts[split], task.answers[split]
+    def _score(self, backend: HFBackend, task: QuickTask, split: Split, items: slice) -> dict[str, list[float]]:
+        prompts, answers = task.prompts[split][items], task.answers[split][items]
         batch = self.config.batch_size
         scores = {}
         for metric in self.config.metrics:
             if metric == "exact_match":
                 predictions = greedy_generate(backend.model, backend.tokenizer, prompts, task.max_new_tokens, batch)
-                scores[task.name] = exact_match(predictions, answers)
+                scores[task.name] = exact_matches(predictions, answers)
             else:
-                scores[f"{task.name}.logprob"] = answer_logprob(backend.model, backend.tokenizer, prompts, answers, batch)
+                scores[f"{task.name}.logprob"] = answer_logprobs(backend.model, backend.tokenizer, prompts, answers, batch)
         return scores
+
+
+def mean_scores(items: dict[str, list[float]]) -> dict[str, float]:
+    """Per objective, the mean of its per-item scores (0.0 for none)."""
+    return {name: sum(values) / max(len(values), 1) for name, values in items.items()}

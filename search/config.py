@@ -5,6 +5,7 @@
     search: {layer_groups: 4, methods: [linear, task_arithmetic, ties, dare_ties, ota]}
     sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
     budget: {n_trials: 60}
+    pruning: {enabled: false, first_share: 0.25, min_complete: 8}
     ray: {workers: 2, cpus_per_worker: 1}
 
 Every section has sound defaults; unknown keys are rejected with the allowed ones named.
@@ -100,7 +101,7 @@ class SamplerConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    n_trials: int | None = Field(default=None, ge=1, description="COMPLETE trials to reach")
+    n_trials: int | None = Field(default=None, ge=1, description="finished trials to reach (COMPLETE + PRUNED)")
     timeout: float | None = Field(default=None, gt=0, description="seconds of this run before no new trial starts")
     max_consecutive_failures: int = Field(default=10, ge=1, description="stop when this many trials in a row fail")
 
@@ -109,6 +110,20 @@ class BudgetConfig(_Strict):
         if self.n_trials is None and self.timeout is None:
             raise ValueError("give n_trials and/or timeout")
         return self
+
+
+class PruningConfig(_Strict):
+    """Two-stage scoring (see search/pruning.py); off until the search_efficiency benchmark shows it helps."""
+
+    enabled: bool = False
+    first_share: float = Field(
+        default=0.25, gt=0, lt=1, description="share of each task's search subset scored first (whole evaluator batches)"
+    )
+    min_complete: int = Field(default=8, ge=1, description="COMPLETE trials before any trial is pruned")
+    keep_percentile: float = Field(
+        default=50.0, gt=0, lt=100,
+        description="one objective: keep a trial whose first-stage score is in this top percentile (50 = median rule)",
+    )
 
 
 class RayConfig(_Strict):
@@ -131,6 +146,7 @@ class StudyConfig(_Strict):
     evaluator: dict[str, Any] | None = Field(default=None, description="the evaluator config (`kind: quick|lm_eval`)")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(n_trials=50))
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
     storage: str | None = Field(default=None, description="SQLAlchemy URL or journal:///path; default sqlite under studies/")
     storage_retry_s: float = Field(
         default=120, ge=0, description="how long an unreachable storage is retried (with backoff) before the run stops"
@@ -147,6 +163,8 @@ class StudyConfig(_Strict):
             raise ValueError("evaluator: give `evaluator:` or `zoo:`")
         if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
+        if self.pruning.enabled and self.evaluator.get("kind") != "quick":
+            raise ValueError("pruning.enabled: two-stage scoring needs `evaluator.kind: quick`; set pruning.enabled: false")
         return self
 
     @property

@@ -11,7 +11,8 @@ process that dies → its trial FAIL, the actor replaced, the params re-enqueued
 start; Ctrl-C → no new trials, in-flight ones finish (a second Ctrl-C marks them FAIL and
 re-enqueues them); a storage that stops answering (database restart, network) → every
 storage call is retried with backoff for `storage_retry_s`, then the driver stops with a
-message to resume. The budget counts COMPLETE trials.
+message to resume. The budget counts finished trials: COMPLETE, and PRUNED when two-stage
+pruning is on (search/pruning.py: the driver keeps the actor between the stages and decides).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rich.table import Table
 
 from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.search.config import ObjectiveConfig, StudyConfig, parse_study_config
+from mergetune.search.pruning import beaten_beyond_noise, make_pruner
 from mergetune.search.samplers import make_sampler
 from mergetune.search.space import SearchSpace
 from mergetune.search.warmstart import enqueue_baselines
@@ -202,6 +204,7 @@ def prepare_study(config: StudyConfig, objectives: list[ObjectiveConfig], sample
         study_name=config.study,
         storage=open_storage(config.storage_url),
         sampler=sampler,
+        pruner=make_pruner(config.pruning),
         directions=directions,
         load_if_exists=True,
     )
@@ -235,10 +238,16 @@ def count(study: optuna.Study, state: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
+def finished(study: optuna.Study) -> int:
+    """Trials the budget counts: COMPLETE and PRUNED."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
 @dataclass
 class InFlight:
     trial: optuna.Trial
     slot: int
+    stage: int = 0  # 0: a one-stage run; 1, 2: the stages of a two-stage run (pruning on)
 
 
 @contextlib.contextmanager
@@ -305,12 +314,17 @@ class Driver:
             return False
         self.storage(trial.set_user_attr, "recipe", recipe.to_dict())
         self.storage(trial.set_user_attr, "seed", recipe.seed)
-        ref = self.pool.actors[slot].run.remote(recipe.to_dict(), recipe.seed)
-        self.in_flight[ref] = InFlight(trial, slot)
+        actor = self.pool.actors[slot]
+        if self.config.pruning.enabled:
+            ref, stage = actor.run_first_stage.remote(recipe.to_dict(), recipe.seed, self.config.pruning.first_share), 1
+        else:
+            ref, stage = actor.run.remote(recipe.to_dict(), recipe.seed), 0
+        self.in_flight[ref] = InFlight(trial, slot, stage)
         return True
 
-    def _finish(self, ref: object) -> int:
-        """Tell the trial behind `ref` (COMPLETE or FAIL); returns the freed actor slot."""
+    def _finish(self, ref: object) -> int | None:
+        """Tell the trial behind `ref` (COMPLETE, PRUNED or FAIL) and return the freed actor slot, or
+        send the trial's second stage to the same actor and return None."""
         import ray
 
         job = self.in_flight.pop(ref)
@@ -325,13 +339,18 @@ class Driver:
         except ray.exceptions.RayTaskError as exc:
             self._fail(trial, f"worker error: {str(exc).splitlines()[0]}")
             return job.slot
-        for key in ("node_id", "gpu_ids", "pid", "versions", "timings", "scores"):
+        if job.stage == 2:  # the first stage's timings come first
+            result["timings"] = {**trial.user_attrs.get("timings", {}), **result.get("timings", {})}
+        # A first stage's `scores` are head means; they are kept in `first_stage` with their SE.
+        for key in ("node_id", "gpu_ids", "pid", "versions", "timings", "first_stage" if job.stage == 1 else "scores"):
             if key in result:
                 self.storage(trial.set_user_attr, key, result[key])
         self.storage(trial.set_user_attr, "worker", job.slot)
         if "error" in result:
             self._fail(trial, str(result["error"]))
             return job.slot
+        if job.stage == 1:
+            return self._after_first_stage(job, result["first_stage"])
         scores = result["scores"]
         missing = [o.name for o in self.objectives if o.name not in scores]
         if missing:
@@ -344,6 +363,40 @@ class Driver:
         self._tell(trial, values)
         self.consecutive_failures = 0
         return job.slot
+
+    def _after_first_stage(self, job: InFlight, first_stage: dict[str, dict[str, float]]) -> int | None:
+        """Prune the trial (PRUNED, slot freed) or send its second stage to the same actor (None)."""
+        trial = job.trial
+        missing = [o.name for o in self.objectives if o.name not in first_stage]
+        if missing:
+            self._fail(trial, f"the evaluator reported no score for {missing[0]}")
+            return job.slot
+        if len(self.objectives) == 1:
+            # Every staged trial reports, so COMPLETE ones give the pruner its step-0 scores.
+            self.storage(trial.report, first_stage[self.objectives[0].name]["score"], 0)
+        reason = None if "baseline" in trial.user_attrs else self._prune_reason(trial, first_stage)
+        if reason is not None:
+            self.storage(trial.set_user_attr, "prune_reason", reason)
+            self._tell(trial, state=TrialState.PRUNED)
+            self.consecutive_failures = 0
+            return job.slot
+        ref = self.pool.actors[job.slot].run_second_stage.remote(self.config.pruning.first_share)
+        self.in_flight[ref] = InFlight(trial, job.slot, stage=2)
+        return None
+
+    def _prune_reason(self, trial: optuna.Trial, first_stage: dict[str, dict[str, float]]) -> str | None:
+        """Why the trial should stop after its first stage, or None (search/pruning.py has the rules)."""
+        if len(self.objectives) == 1:
+            if self.storage(trial.should_prune):
+                return f"first-stage score outside the top {self.config.pruning.keep_percentile:g}% of complete trials"
+            return None
+        complete = self.storage(self.study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(complete) < self.config.pruning.min_complete:
+            return None
+        beaten_by = beaten_beyond_noise(first_stage, [t.values for t in complete], self.objectives)
+        if beaten_by is None:
+            return None
+        return f"trial {complete[beaten_by].number} beats its first stage by more than one SE on every objective"
 
     def _abandon_in_flight(self) -> None:
         for job in self.in_flight.values():
@@ -364,7 +417,7 @@ class Driver:
         free = list(range(self.pool.size))
         deadline = time.monotonic() + timeout if timeout else None
         limit = self.config.budget.max_consecutive_failures
-        complete = self.storage(count, self.study, TrialState.COMPLETE)
+        complete = self.storage(finished, self.study)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -386,9 +439,13 @@ class Driver:
                         break
                     ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
                     for ref in ready:
-                        free.append(self._finish(ref))
-                    complete = self.storage(count, self.study, TrialState.COMPLETE)
+                        slot = self._finish(ref)
+                        if slot is not None:
+                            free.append(slot)
+                    complete = self.storage(finished, self.study)
                     status = f"failed {self.storage(count, self.study, TrialState.FAIL)}  {self._best_text()}"
+                    if self.config.pruning.enabled:
+                        status = f"pruned {self.storage(count, self.study, TrialState.PRUNED)}  {status}"
                     if interrupted.is_set():
                         status += f"  [yellow]stopping: {len(self.in_flight)} in flight (Ctrl-C again to abandon)"
                     progress.update(task, completed=complete, status=status)
@@ -412,8 +469,11 @@ def run_study(
     *,
     console: Console | None = None,
     worker_cls: type | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
 ) -> optuna.Study:
-    """Create or continue the study `config.study` and run it to its budget; returns the study."""
+    """Create or continue the study `config.study` and run it to its budget; returns the study.
+
+    `worker_cls` and `sampler` replace the TrialWorker and the configured sampler (tests, benchmarks)."""
     import ray
 
     from mergetune.search.workers import TrialWorker, load_modelset
@@ -429,7 +489,7 @@ def run_study(
     try:
         pool = WorkerPool(worker_cls, config, workers)
         objectives = resolve_objectives(config, pool)
-        sampler = make_sampler(config.sampler, config.experts, config.seed, len(objectives))
+        sampler = sampler or make_sampler(config.sampler, config.experts, config.seed, len(objectives))
         retry = StorageRetry(config.storage_retry_s)
         study = retry(prepare_study, config, objectives, sampler)
         retry(recover_orphans, study)

@@ -2,8 +2,10 @@
 
 It loads the model set once (base + task vectors + statistics resident on its device),
 owns one live model and one evaluator, and per trial merges every tensor into the live
-model in place, then scores it. Errors of a trial come back as a result with `error`,
-so only a dead process surfaces as an exception on the driver.
+model in place, then scores it — in one call (`run`), or in two when pruning is on
+(`run_first_stage` merges and scores the head of each task's subset, `run_second_stage`
+scores the rest on the same live model). Errors of a trial come back as a result with
+`error`, so only a dead process surfaces as an exception on the driver.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from mergetune.core.versions import package_versions
@@ -77,6 +80,7 @@ class TrialWorker:
         self.backend = HFBackend.from_pretrained(config.models.base, device)
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()
+        self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second
         log.info("worker ready in %.1fs on %s", time.perf_counter() - started, device)
 
     def objectives(self) -> list[tuple[str, str]]:
@@ -86,16 +90,58 @@ class TrialWorker:
         return placement()
 
     def run(self, recipe: dict, seed: int) -> dict[str, object]:
-        from mergetune.evaluators.base import EvaluationFailed
+        """Merge `recipe` into the live model and score every task's whole search subset."""
+
+        def merge_and_score(timings: dict[str, float]) -> dict[str, float]:
+            self._merge(recipe, seed, timings)
+            return timed(timings, "eval_s", lambda: self.evaluator.evaluate(self.backend, split="search"))
+
+        return self._attempt(merge_and_score)
+
+    def run_first_stage(self, recipe: dict, seed: int, first_share: float) -> dict[str, object]:
+        """Merge `recipe` and score the head of each task's search subset; `first_stage` holds mean, SE and items."""
+        from mergetune.evaluators.quick import mean_scores
+        from mergetune.search.pruning import first_stage_summary
+
+        def merge_and_score_head(timings: dict[str, float]) -> dict[str, float]:
+            self._merge(recipe, seed, timings)
+            self._head = timed(
+                timings, "eval_s", lambda: self.evaluator.score_items(self.backend, "search", "head", first_share)
+            )
+            return mean_scores(self._head)
+
+        result = self._attempt(merge_and_score_head)
+        if "error" not in result:
+            result["first_stage"] = first_stage_summary(self._head)
+        return result
+
+    def run_second_stage(self, first_share: float) -> dict[str, object]:
+        """Score the rest of each subset on the model `run_first_stage` merged; `scores` cover the whole subset."""
+        from mergetune.evaluators.quick import mean_scores
+
+        def score_rest(timings: dict[str, float]) -> dict[str, float]:
+            rest = timed(
+                timings, "eval_rest_s", lambda: self.evaluator.score_items(self.backend, "search", "rest", first_share)
+            )
+            return mean_scores({name: self._head[name] + rest[name] for name in rest})
+
+        return self._attempt(score_rest)
+
+    def _merge(self, recipe: dict, seed: int, timings: dict[str, float]) -> None:
         from mergetune.merge.recipe import Recipe
 
+        started = time.perf_counter()
+        timings.update(self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed))
+        timings["merge_s"] = time.perf_counter() - started
+
+    def _attempt(self, score: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, object]:
+        """`score(timings)` as a result dict: scores and timings, or `error` for a failure or a non-finite score."""
+        from mergetune.evaluators.base import EvaluationFailed
+
         result: dict[str, object] = {**placement(), "versions": self.versions}
+        timings: dict[str, float] = {}
         try:
-            started = time.perf_counter()
-            timings = dict(self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed))
-            merged = time.perf_counter()
-            scores = self.evaluator.evaluate(self.backend, split="search")
-            timings.update(merge_s=merged - started, eval_s=time.perf_counter() - merged)
+            scores = score(timings)
         except EvaluationFailed as exc:
             return {**result, "error": f"evaluation failed: {exc}"}
         except Exception as exc:  # a trial's failure must never take the worker down
@@ -105,3 +151,11 @@ class TrialWorker:
         if bad:
             return {**result, "error": f"non-finite score for {bad[0]}", "scores": scores}
         return {**result, "scores": scores, "timings": timings}
+
+
+def timed(timings: dict[str, float], key: str, call: Callable[[], dict]) -> dict:
+    """`call()`, its wall time stored in `timings[key]`."""
+    started = time.perf_counter()
+    result = call()
+    timings[key] = time.perf_counter() - started
+    return result
