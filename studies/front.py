@@ -20,8 +20,15 @@ TEST_SCORES_ATTR = "test_scores"
 
 
 def objective_names(study: optuna.Study) -> list[str]:
+    """Objective names in `trial.values` order: Optuna's metric names, else the objectives the driver stored."""
     names = study.metric_names
-    return list(names) if names else [f"objective{i}" for i in range(len(study.directions))]
+    if names:
+        return list(names)
+    # The search driver records its resolved objectives as a study user attr (not as metric names).
+    stored = [o.get("name") for o in study.user_attrs.get("objectives") or [] if isinstance(o, dict)]
+    if len(stored) == len(study.directions) and all(isinstance(n, str) for n in stored):
+        return stored
+    return [f"objective{i}" for i in range(len(study.directions))]
 
 
 def configured_weights(study: optuna.Study) -> dict[str, float]:
