@@ -18,7 +18,8 @@ def _finish(study, console: Console) -> None:
 
     objectives = stored_objectives(study)
     console.print(
-        f"{study.study_name}: {count(study, TrialState.COMPLETE)} complete, {count(study, TrialState.FAIL)} failed"
+        f"{study.study_name}: {count(study, TrialState.COMPLETE)} complete, {count(study, TrialState.PRUNED)} pruned, "
+        f"{count(study, TrialState.FAIL)} failed"
     )
     console.print(front_table(study, objectives))
 
@@ -26,7 +27,7 @@ def _finish(study, console: Console) -> None:
 def run(
     config: Path = typer.Argument(..., help="study config YAML"),
     study: Optional[str] = typer.Option(None, "--study", help="study name (default: the config's `study`)"),
-    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="COMPLETE trials to reach"),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="finished trials to reach (COMPLETE + PRUNED)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray actors (trials in flight)"),
 ) -> None:
     """Run a study (or continue the one of the same name) to its budget; print the Pareto front."""
@@ -80,9 +81,12 @@ def status(
     objectives = stored_objectives(loaded)
     console = Console()
     done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruned = loaded.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     budget = cfg.budget.n_trials
+    finished = f"{len(done) + len(pruned)}{f'/{budget}' if budget else ''}"
+    summary = f"{finished} finished ({len(done)} complete, {len(pruned)} pruned)" if pruned else f"{finished} complete"
     console.print(
-        f"{study}: {len(done)}{f'/{budget}' if budget else ''} complete, "
+        f"{study}: {summary}, "
         f"{count(loaded, TrialState.FAIL)} failed, {count(loaded, TrialState.RUNNING)} running, "
         f"{count(loaded, TrialState.WAITING)} queued"
     )
@@ -96,7 +100,7 @@ def status(
         best = pick(done, key=lambda t: t.values[i])
         table.add_row(objective.name, f"{best.values[i]:.4f}", str(best.number), str(best.user_attrs.get("baseline", "")))
     console.print(table)
-    eta = _eta(done, budget)
+    eta = _eta(done + pruned, budget)  # the budget counts PRUNED trials too
     if eta is not None:
         console.print(f"ETA to {budget} complete trials at the recent rate: {eta}")
 
