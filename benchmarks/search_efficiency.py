@@ -210,6 +210,10 @@ def plot(arms: dict[str, dict], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for arm, result in arms.items():
+        if arm == "defaults":  # no search: the best default recipe is a level, not a curve
+            level = statistics.fmean(r["best_search_mean"] for r in result["runs"])
+            axes.axhline(level, color="grey", linestyle="--", label="best default recipe")
+            continue
         curves = [r["best_so_far"] for r in result["runs"]]
         length = max(len(c) for c in curves)
         mean_curve = [
@@ -217,8 +221,7 @@ def plot(arms: dict[str, dict], path: Path) -> None:
             if any(k < len(c) and c[k] is not None for c in curves) else np.nan
             for k in range(length)
         ]  # fmt: skip
-        style = {"linestyle": "--"} if arm == "defaults" else {}
-        axes.plot(range(1, length + 1), mean_curve, label=arm, **style)
+        axes.plot(range(1, length + 1), mean_curve, label=arm)
     axes.set_xlabel("trial")
     axes.set_ylabel("best-so-far mean search score")
     axes.set_title("search efficiency (mean over seeds)")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -146,7 +147,7 @@ class QuickEvaluator:
             size = len(task.prompts[split])
             head = self.head_size(size, first_share)
             items = {"all": slice(0, size), "head": slice(0, head), "rest": slice(head, size)}[part]
-            scores.update(run_guarded(task.name, backend, self.config.timeout_s, lambda: self._score(backend, task, split, items)))
+            scores.update(run_guarded(task.name, backend, self.config.timeout_s, partial(self._score, backend, task, split, items)))
         return scores
 
     def _score(self, backend: HFBackend, task: QuickTask, split: Split, items: slice) -> dict[str, list[float]]:
