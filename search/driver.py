@@ -212,6 +212,8 @@ def prepare_study(config: StudyConfig, objectives: list[ObjectiveConfig], sample
         raise ConfigError(f"study {config.study!r} exists with other objectives; choose another study name")
     study.set_user_attr("config", config.model_dump(mode="json"))
     study.set_user_attr("objectives", [o.model_dump() for o in objectives])
+    # Optuna's own metric names: optuna-dashboard and plots label the objectives by task.
+    study.set_metric_names([o.name for o in objectives])
     return study
 
 

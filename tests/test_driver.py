@@ -123,6 +123,7 @@ def test_study_reaches_budget_with_warm_start_first_and_records_trials(ray_sessi
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both actors served trials
     assert study.user_attrs["config"]["study"] == "basic"
     assert [o["name"] for o in study.user_attrs["objectives"]] == ["a", "b"]
+    assert study.metric_names == ["a", "b"]  # what optuna-dashboard labels the objectives with
     # running `run` again with a larger budget continues the same study
     more = run_study(study_config(tmp_path, "basic", 15), console=quiet(), worker_cls=FakeWorker)
     assert states(more) == {TrialState.COMPLETE: 15}
