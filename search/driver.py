@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +214,9 @@ def prepare_study(config: StudyConfig, objectives: list[ObjectiveConfig], sample
     study.set_user_attr("config", config.model_dump(mode="json"))
     study.set_user_attr("objectives", [o.model_dump() for o in objectives])
     # Optuna's own metric names: optuna-dashboard and plots label the objectives by task.
-    study.set_metric_names([o.name for o in objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in objectives])
     return study
 
 
