@@ -68,7 +68,7 @@ class TrialWorker:
     def __init__(self, config_json: str) -> None:
         import torch
 
-        from mergetune.evaluators.base import HFBackend, build_evaluator
+        from mergetune.evaluators.base import build_evaluator, load_backend
         from mergetune.merge.modelset import ResidentModelSet
 
         config = StudyConfig.model_validate_json(config_json)
@@ -77,7 +77,8 @@ class TrialWorker:
         started = time.perf_counter()
         self.resident = ResidentModelSet.load(load_modelset(config), device=device)
         assert config.models is not None
-        self.backend = HFBackend.from_pretrained(config.models.base, device)
+        # The evaluator decides the backend: lm_eval with `backend: vllm` gets a vLLM engine, else transformers.
+        self.backend = load_backend(config.evaluator, config.models.base, device)
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()
         self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second

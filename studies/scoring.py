@@ -16,7 +16,7 @@ def score_recipes_on_split(
     config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
 ) -> list[dict[str, float]]:
     """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
-    from mergetune.evaluators.base import HFBackend, build_evaluator
+    from mergetune.evaluators.base import build_evaluator, load_backend
     from mergetune.merge.modelset import ResidentModelSet
     from mergetune.search.workers import load_modelset
 
@@ -24,7 +24,7 @@ def score_recipes_on_split(
         config = parse_study_config(config, "study config")
     assert config.models is not None and config.evaluator is not None
     resident = ResidentModelSet.load(load_modelset(config), device=device)
-    backend = HFBackend.from_pretrained(config.models.base, device)
+    backend = load_backend(config.evaluator, config.models.base, device)
     evaluator = build_evaluator(config.evaluator)
     results = []
     with Progress(transient=True) as progress:

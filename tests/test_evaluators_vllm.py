@@ -179,3 +179,44 @@ def test_a_vllm_config_refuses_an_hf_backend(task_config):
     hf = HFBackend(torch.nn.Linear(2, 2), tokenizer=None)
     with pytest.raises(EvaluationFailed, match="backend: vllm needs a VLLMBackend"):
         build_evaluator(task_config).evaluate(hf)
+
+
+def test_search_worker_scores_through_the_backend_its_evaluator_asks_for(monkeypatch, tmp_path):
+    """A study with `evaluator.backend: vllm` gets a vLLM engine in each worker, merged into in place."""
+    from test_studies_fixtures import build_tiny_models
+
+    import mergetune.evaluators.base as evaluators_base
+    from mergetune.search.config import parse_study_config
+    from mergetune.search.workers import TrialWorker
+
+    module = types.ModuleType("lm_eval.models.vllm_causallms")
+    module.VLLM = lambda **kwargs: FakeVLLMModel({}, **kwargs)
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval.models.vllm_causallms", module)
+    scored = []
+
+    class RecordingEvaluator:
+        objectives = []
+
+        def evaluate(self, backend, split="search"):
+            scored.append(backend)
+            return {"gsm8k": 0.5}
+
+    monkeypatch.setattr(evaluators_base, "build_evaluator", lambda config: RecordingEvaluator())
+    models = build_tiny_models(tmp_path)
+    config = parse_study_config(
+        {
+            "study": "vllm",
+            "models": {"base": models["base"], "experts": {"math": models["math"], "code": models["code"]}},
+            "evaluator": {"kind": "lm_eval", "backend": "vllm", "tasks": ["gsm8k"]},
+            "ray": {"device": "cpu"},
+        },
+        "test",
+    )
+    worker = TrialWorker(config.model_dump_json())
+    assert isinstance(worker.backend, VLLMBackend)
+    recipe = {"models": {"base": models["base"], "math": models["math"], "code": models["code"]}, "base": "base",
+              "rules": [{"match": "*", "method": "linear"}]}  # fmt: skip
+    result = worker.run(recipe, seed=0)
+    assert result["scores"] == {"gsm8k": 0.5} and scored == [worker.backend]
+    pushed = worker.backend.lm.model.worker_model.received
+    assert len(pushed) == 1 and {name for name, _ in pushed[0]} >= {"model.embed_tokens.weight", "lm_head.weight"}
