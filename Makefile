@@ -23,11 +23,11 @@ demo: install
 
 # The default suite (tiny models; minutes). pytest's exit code 5 means "no test collected".
 test: install
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=10
 
 # End-to-end tests on the demo-sized zoo; CI runs these too.
 test-slow: install
-	$(PY) -m pytest -m slow -q; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
+	$(PY) -m pytest -m slow -q --durations=10; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 5 ]
 
 test-all: test test-slow
 
