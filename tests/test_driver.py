@@ -27,16 +27,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers c
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
-
 class FakeWorker:
     """Scores a = share of expert a in the weights, b = share of b: a two-objective trade-off."""
 

@@ -28,16 +28,6 @@ pytestmark = pytest.mark.skipif(postgres_bin_dir() is None, reason="needs Debian
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def postgres():
     server = start_postgres()
     yield server

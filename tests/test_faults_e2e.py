@@ -44,16 +44,6 @@ def zoo(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def zoo_config(zoo: Path, root: Path, name: str, **extra) -> dict:
     return {
         "study": name,

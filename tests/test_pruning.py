@@ -122,16 +122,6 @@ def test_two_stage_scores_equal_one_stage_scores_exactly(zoo, tmp_path, monkeypa
 
 
 # --- the driver with stand-in workers ---
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 class StagedWorker:
     """Both objectives = 1 − |share of expert a − 0.2|, minus 0.3 unless group 0 is linear; first stage = full score."""
 
