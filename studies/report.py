@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import html
+import itertools
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -55,7 +57,10 @@ def _plotly_figures(study: optuna.Study, complete: list[FrozenTrial], names: lis
 
     baselines = [t for t in complete if t.user_attrs.get("baseline")]
     figures: list[tuple[str, object]] = []
-    if len(names) > 1:
+    if len(names) > 3:
+        # Optuna draws fronts of 2 or 3 objectives only; beyond that, every pair of objectives.
+        figures.append(("Pareto front (every pair of objectives)", _pareto_matrix_plotly(complete, front_trials(study), names)))
+    elif len(names) > 1:
         fig = vis.plot_pareto_front(study, target_names=names)
         if len(names) == 2 and baselines:
             fig.add_trace(
@@ -93,6 +98,31 @@ def _plotly_figures(study: optuna.Study, complete: list[FrozenTrial], names: lis
         log.warning("parameter importances not computable: %s", exc)
     figures.append(("Method per layer group over trials", _method_choices_plotly(complete)))
     return figures
+
+
+def _pareto_matrix_plotly(complete: list[FrozenTrial], front: list[FrozenTrial], names: list[str]) -> object:
+    """A scatter matrix of all objectives: trials, the (all-objective) Pareto front, baselines."""
+    import plotly.graph_objects as go
+
+    baselines = [t for t in complete if t.user_attrs.get("baseline")]
+    fig = go.Figure()
+    for trials, label, marker in (
+        (complete, "trials", {"size": 5, "color": "#9ab"}),
+        (front, "Pareto front", {"size": 7, "color": "#d33"}),
+        (baselines, "warm-start baselines", {"size": 11, "color": "black", "symbol": "star"}),
+    ):
+        fig.add_trace(
+            go.Splom(
+                dimensions=[{"label": name, "values": [t.values[i] for t in trials]} for i, name in enumerate(names)],
+                text=[f"trial {t.number} {t.user_attrs.get('baseline', '')}" for t in trials],
+                marker=marker,
+                name=label,
+                diagonal_visible=False,
+                showupperhalf=False,
+            )
+        )
+    fig.update_layout(height=260 * len(names), legend={"orientation": "h", "yanchor": "top", "y": -0.05})
+    return fig
 
 
 def method_choices(complete: list[FrozenTrial]) -> list[tuple[int, str, str]]:
@@ -157,23 +187,31 @@ def _pngs(study: optuna.Study, complete: list[FrozenTrial], front: list[FrozenTr
     written = []
     baselines = [t for t in complete if t.user_attrs.get("baseline")]
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    if len(names) >= 2:
-        ax.scatter([t.values[0] for t in complete], [t.values[1] for t in complete], s=14, c="#9ab", label="trials")
-        ax.scatter([t.values[0] for t in front], [t.values[1] for t in front], s=30, c="#d33", label="Pareto front")
-        ax.scatter([t.values[0] for t in baselines], [t.values[1] for t in baselines], marker="*", s=140, c="k", label="baselines")
-        for t in baselines:
-            ax.annotate(t.user_attrs["baseline"], (t.values[0], t.values[1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(names[0])
-        ax.set_ylabel(names[1])
-        ax.set_title("Pareto front")
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    if pairs:
+        columns = min(3, len(pairs))
+        rows_n = math.ceil(len(pairs) / columns)
+        fig, axes = plt.subplots(rows_n, columns, figsize=(4.2 * columns, 3.6 * rows_n), squeeze=False)
+        for ax in axes.flat[len(pairs):]:
+            ax.set_visible(False)
+        for ax, (i, j) in zip(axes.flat, pairs):
+            ax.scatter([t.values[i] for t in complete], [t.values[j] for t in complete], s=14, c="#9ab", label="trials")
+            ax.scatter([t.values[i] for t in front], [t.values[j] for t in front], s=30, c="#d33", label="Pareto front")
+            ax.scatter([t.values[i] for t in baselines], [t.values[j] for t in baselines], marker="*", s=140, c="k", label="baselines")
+            for t in baselines:
+                ax.annotate(t.user_attrs["baseline"], (t.values[i], t.values[j]), fontsize=6, xytext=(4, 4), textcoords="offset points")
+            ax.set_xlabel(names[i])
+            ax.set_ylabel(names[j])
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle("Pareto front (over all objectives)" if len(pairs) > 1 else "Pareto front")
     else:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
         ax.scatter([t.number for t in complete], [t.values[0] for t in complete], s=14, c="#9ab", label="trials")
         ax.scatter([t.number for t in baselines], [t.values[0] for t in baselines], marker="*", s=140, c="k", label="baselines")
         ax.set_xlabel("trial")
         ax.set_ylabel(names[0])
         ax.set_title("Scores (single objective)")
-    ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     written.append(_save(fig, out / "pareto.png"))
 
     fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.8 * len(names)), squeeze=False)

@@ -47,3 +47,25 @@ def test_report_renders_in_headless_chromium_without_console_errors(tmp_path):
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []
     assert done.stdout.count('class="main-svg"') >= 8  # plotly drew every figure
+
+
+def test_report_of_more_than_three_objectives_plots_every_pair(tmp_path):
+    """Optuna's Pareto plot stops at 3 objectives; a study over 4 tasks (the demo) still gets its report."""
+    from test_studies_fixtures import linear_recipe
+
+    from mergetune.studies.report import write_report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize"] * 4)
+    for i in range(8):
+        trial = study.ask()
+        w = trial.suggest_float("g0.weight", 0.0, 1.0)
+        trial.set_user_attr("recipe", linear_recipe(MODELS, w).to_dict())
+        if i == 0:
+            trial.set_user_attr("baseline", "uniform")
+        study.tell(trial, [w, 1 - w, w * w, (i % 3) / 3])
+    written = write_report(study, tmp_path / "r")
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "every pair of objectives" in html and '"type":"splom"' in html.replace(" ", "")
+    assert html.count('"type":"splom"') == 3  # trials, front, baselines
+    assert {p.name for p in written} >= {"report.html", "pareto.png", "history.png", "methods.png"}
