@@ -25,7 +25,6 @@ from test_driver import states, study_config
 
 from mergetune.search.driver import load_study
 
-pytest.importorskip("ray")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from mergetune.search.config import parse_study_config
 from mergetune.search.driver import WorkerPool, load_study, run_study
 
-ray = pytest.importorskip("ray")
+import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -77,7 +77,7 @@ def run_cli(argv: list[str]) -> int:
 
 @pytest.mark.slow
 def test_exported_model_loads_and_scores_as_the_trial_recorded(zoo, tmp_path, capsys):
-    ray = pytest.importorskip("ray")
+    import ray
     from mergetune.search.driver import run_study
 
     url = f"sqlite:///{tmp_path / 'studies.db'}"

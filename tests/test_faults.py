@@ -20,7 +20,7 @@ from test_driver import FakeWorker, quiet, start_driver, states, study_config, w
 
 from mergetune.search.driver import load_study, run_study
 
-ray = pytest.importorskip("ray")
+import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules["test_driver"])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -27,7 +27,7 @@ from mergetune.search.config import parse_study_config
 from mergetune.search.driver import load_study, run_study
 from mergetune.search.workers import TrialWorker
 
-ray = pytest.importorskip("ray")
+import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -15,7 +15,7 @@ from mergetune.search.config import ObjectiveConfig, parse_study_config
 from mergetune.search.driver import run_study
 from mergetune.search.pruning import beaten_beyond_noise, first_stage_summary, standard_error
 
-ray = pytest.importorskip("ray")
+import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
