@@ -24,7 +24,7 @@ def objective_names(study: optuna.Study) -> list[str]:
     names = study.metric_names
     if names:
         return list(names)
-    # The search driver records its resolved objectives as a study user attr (not as metric names).
+    # Studies made before the driver set metric names still carry its objectives as a user attr.
     stored = [o.get("name") for o in study.user_attrs.get("objectives") or [] if isinstance(o, dict)]
     if len(stored) == len(study.directions) and all(isinstance(n, str) for n in stored):
         return stored
