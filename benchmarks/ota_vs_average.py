@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from _common import git_commit  # benchmarks/, the script's own folder
 from mergetune.evaluators.base import HFBackend, build_evaluator
 from mergetune.merge.modelset import ResidentModelSet
 from mergetune.merge.recipe import Recipe
@@ -86,10 +86,9 @@ def main() -> None:
             row["recipe"], *(f"{row['scores'][t]:.3f}" for t in tasks), f"{row['mean']:.3f}", f"{row['rel_l2_to_average']:.4f}"
         )
     console.print(table)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "ota_vs_average.json"
-    out.write_text(json.dumps({"zoo": args.zoo, "split": args.split, "commit": commit, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"zoo": args.zoo, "split": args.split, "commit": git_commit(), "rows": rows}, indent=2))
     console.print(f"wrote {out}")
 
 

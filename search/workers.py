@@ -131,9 +131,8 @@ class TrialWorker:
     def _merge(self, recipe: dict, seed: int, timings: dict[str, float]) -> None:
         from mergetune.merge.recipe import Recipe
 
-        started = time.perf_counter()
-        timings.update(self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed))
-        timings["merge_s"] = time.perf_counter() - started
+        merge = lambda: self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed)  # noqa: E731
+        timings.update(timed(timings, "merge_s", merge))
 
     def _attempt(self, score: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, object]:
         """`score(timings)` as a result dict: scores and timings, or `error` for a failure or a non-finite score."""
