@@ -29,6 +29,7 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "t": (0.0, 1.0),
     "gamma": (0.0, 0.1),
     "epsilon": (0.0, 0.2),
+    "power": (0.25, 2.0),
 }
 
 

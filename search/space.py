@@ -39,7 +39,7 @@ SEARCHED_PARAMS: dict[str, tuple[str, ...]] = {
     "breadcrumbs": ("density", "gamma", "lambda"),
     "breadcrumbs_ties": ("density", "gamma", "lambda"),
     "slerp": ("t",),
-    "ota": ("density",),
+    "ota": ("density", "power"),
 }
 # Methods whose result does not depend on per-expert weights: no weight params for them.
 UNWEIGHTED_METHODS = frozenset({"slerp", "model_stock", "passthrough", "m3"})

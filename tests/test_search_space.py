@@ -98,3 +98,21 @@ def test_methods_that_need_statistics_are_refused_without_them():
         SearchSpace(config(methods=["tie"]), n_layers=4)
     with pytest.raises(ConfigError, match="slerp"):
         SearchSpace(config(methods=["slerp"]), n_layers=4)  # three experts
+
+
+def test_ota_searches_its_curvature_power_and_its_baseline_keeps_the_default():
+    moments = {e: f"/{e}.safetensors" for e in ("math", "code", "facts")}
+    data = config(methods=["ota"]).model_dump(mode="json")
+    data["models"]["moments"] = moments
+    space = SearchSpace(parse_study_config(data, "test"), n_layers=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    powers = []
+    for _ in range(20):
+        trial = study.ask()
+        recipe = space.recipe(trial)
+        powers += [rule.params["power"] for rule in recipe.rules]
+        study.tell(trial, 0.0)
+    assert 0.25 <= min(powers) < max(powers) <= 2.0
+    (name, params), = baseline_params(space)
+    baseline = space.recipe(optuna.trial.FixedTrial(params))
+    assert name == "ota" and all(rule.params["power"] == 0.5 for rule in baseline.rules)
