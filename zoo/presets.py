@@ -66,7 +66,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             intermediate_size=256,
             num_layers=4,
             num_heads=4,
-            split_sizes=(("train", 5000), ("search", 150), ("test", 200)),
+            split_sizes=(("train", 5000), ("search", 600), ("test", 200)),
             pretrain=Schedule(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
             sft=Schedule(steps=300, batch_size=32, lr=3e-4),
         ),
