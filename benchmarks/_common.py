@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from optuna.trial import TrialState
+from rich.console import Console
 
 from mergetune.search.config import StudyConfig, parse_study_config
 
@@ -41,3 +42,8 @@ def git_commit() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def wide_console() -> Console:
+    """A console at least 140 columns wide: the tables stay whole when the output goes to a log file."""
+    return Console(width=max(Console().width, 140))

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from optuna.trial import TrialState
-from rich.console import Console
 from rich.table import Table
 
 from mergetune.merge.recipe import Recipe
@@ -24,7 +23,7 @@ from mergetune.search.config import load_study_config
 from mergetune.search.driver import run_study, stored_objectives
 from mergetune.studies.scoring import score_recipes_on_split
 
-from _common import git_commit, mean, trials_per_hour, variant  # benchmarks/, the script's own folder
+from _common import git_commit, mean, trials_per_hour, variant, wide_console  # benchmarks/, the script's own folder
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
     parser.add_argument("--throughput-trials", type=int, default=16)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
-    console = Console()
+    console = wide_console()
     base = load_study_config(args.config)
     results: dict[str, object] = {"config": args.config, "commit": git_commit()}
     work = Path(tempfile.mkdtemp(prefix="search-demo-"))

@@ -48,7 +48,7 @@ from mergetune.search.warmstart import baseline_params
 from mergetune.search.workers import TrialWorker
 from mergetune.studies.scoring import score_recipes_on_split
 
-from _common import git_commit, trials_per_hour, variant  # benchmarks/, the script's own folder
+from _common import git_commit, trials_per_hour, variant, wide_console  # benchmarks/, the script's own folder
 
 SEARCH_ARMS = ("default", "nsga2", "cmaes_evolve", "random")
 ARMS = (*SEARCH_ARMS, "defaults")
@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_efficiency.json"))
     args = parser.parse_args()
     arms = list(dict.fromkeys([*args.arms, *([PRUNING_ARM] if args.pruning else [])]))
-    console = Console()
+    console = wide_console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = load_study_config(args.config)
     workers = args.workers or base.ray.workers

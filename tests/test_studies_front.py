@@ -84,3 +84,16 @@ def test_journal_storage(tmp_path):
     url = f"journal://{tmp_path}/j/log.jsonl"
     make_study(open_storage(url), MODELS, n_trials=3, name="j")
     assert len(front_trials(open_study("j", url))) >= 1
+
+
+def test_run_ends_with_the_best_trial_against_the_best_baseline(study):
+    from mergetune.search.cli import best_vs_baselines
+
+    weights = configured_weights(study)
+    best = pick_trial(study, "best")
+    baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+    top = max(baselines, key=lambda t: scalarised(study, t, weights))
+    gain = scalarised(study, best, weights) - scalarised(study, top, weights)
+    line = best_vs_baselines(study)
+    assert line.startswith(f"best trial #{best.number}: weighted mean {scalarised(study, best, weights):.4f}")
+    assert f"{gain:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number})" in line
