@@ -15,6 +15,7 @@ def _finish(study, console: Console) -> None:
     from optuna.trial import TrialState
 
     from mergetune.search.driver import count, front_table, stored_objectives
+    from mergetune.studies.front import best_vs_baselines
 
     objectives = stored_objectives(study)
     console.print(
@@ -25,28 +26,6 @@ def _finish(study, console: Console) -> None:
     line = best_vs_baselines(study)
     if line:
         console.print(line)
-
-
-def best_vs_baselines(study) -> str | None:
-    """One line: the best trial (what `export --trial best` picks) against the best warm-start
-    baseline, by the weighted mean of the search scores; None before a COMPLETE baseline."""
-    from optuna.trial import TrialState
-
-    from mergetune.studies.front import configured_weights, pick_trial, scalarised
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    baselines = [t for t in complete if t.user_attrs.get("baseline")]
-    if not baselines:
-        return None
-    weights = configured_weights(study)
-    best = pick_trial(study, "best")
-    top = max(baselines, key=lambda t: scalarised(study, t, weights))
-    gain = scalarised(study, best, weights) - scalarised(study, top, weights)
-    return (
-        f"best trial #{best.number}: weighted mean {scalarised(study, best, weights):.4f} on the search split, "
-        f"{gain:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number}); "
-        f"score it on test with `mergetune front --study {study.study_name} --evaluate test`"
-    )
 
 
 def run(

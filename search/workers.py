@@ -131,8 +131,9 @@ class TrialWorker:
     def _merge(self, recipe: dict, seed: int, timings: dict[str, float]) -> None:
         from mergetune.merge.recipe import Recipe
 
-        merge = lambda: self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed)  # noqa: E731
-        timings.update(timed(timings, "merge_s", merge))
+        timings.update(
+            timed(timings, "merge_s", lambda: self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed))
+        )
 
     def _attempt(self, score: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, object]:
         """`score(timings)` as a result dict: scores and timings, or `error` for a failure or a non-finite score."""

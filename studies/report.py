@@ -59,7 +59,7 @@ def _plotly_figures(study: optuna.Study, complete: list[FrozenTrial], names: lis
     figures: list[tuple[str, object]] = []
     if len(names) > 3:
         # Optuna draws fronts of 2 or 3 objectives only; beyond that, every pair of objectives.
-        figures.append(("Pareto front (every pair of objectives)", _pareto_matrix_plotly(complete, front_trials(study), names)))
+        figures.append(("Pareto front (every pair of objectives)", _pareto_matrix_plotly(complete, front_trials(study), baselines, names)))
     elif len(names) > 1:
         fig = vis.plot_pareto_front(study, target_names=names)
         if len(names) == 2 and baselines:
@@ -100,11 +100,12 @@ def _plotly_figures(study: optuna.Study, complete: list[FrozenTrial], names: lis
     return figures
 
 
-def _pareto_matrix_plotly(complete: list[FrozenTrial], front: list[FrozenTrial], names: list[str]) -> object:
+def _pareto_matrix_plotly(
+    complete: list[FrozenTrial], front: list[FrozenTrial], baselines: list[FrozenTrial], names: list[str]
+) -> object:
     """A scatter matrix of all objectives: trials, the (all-objective) Pareto front, baselines."""
     import plotly.graph_objects as go
 
-    baselines = [t for t in complete if t.user_attrs.get("baseline")]
     fig = go.Figure()
     for trials, label, marker in (
         (complete, "trials", {"size": 5, "color": "#9ab"}),

@@ -9,6 +9,7 @@ from test_studies_fixtures import EXPERTS, linear_recipe, make_study
 
 from mergetune.core.errors import MergetuneError
 from mergetune.studies.front import (
+    best_vs_baselines,
     configured_weights,
     front_table,
     front_trials,
@@ -87,8 +88,6 @@ def test_journal_storage(tmp_path):
 
 
 def test_run_ends_with_the_best_trial_against_the_best_baseline(study):
-    from mergetune.search.cli import best_vs_baselines
-
     weights = configured_weights(study)
     best = pick_trial(study, "best")
     baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
