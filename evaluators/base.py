@@ -17,17 +17,14 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from mergetune.core.config import validate_model
 from mergetune.core.errors import ConfigError
+from mergetune.evaluators.config import EvaluatorConfig, Limit, LmEvalConfig, validate_evaluator_config
 from mergetune.evaluators.generation import NonFiniteLogits
 from mergetune.merge.sinks import LiveModelSink, Sink
 
 Split = Literal["search", "test"]
 Part = Literal["all", "head", "rest"]
 SPLITS: tuple[Split, ...] = ("search", "test")
-Limit = int | float | None
 T = TypeVar("T")
 
 
@@ -97,7 +94,7 @@ class HFBackend:
         """Load an HF model dir (or hub id, through transformers' cache) and its tokenizer onto `device`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         # Batched greedy generation pads on the left; many causal LMs ship without a pad token.
         tokenizer.padding_side = "left"
@@ -149,33 +146,6 @@ def run_guarded(name: str, backend: Any, timeout_s: float | None, score: Callabl
     return result
 
 
-def checked_limit(value: Limit) -> Limit:
-    """A count ≥ 1 or a fraction in (0, 1): lm-eval reads a float ≥ 1 as a count, so 1.0 would mean one item."""
-    if value is not None and (value <= 0 or (isinstance(value, float) and value >= 1.0)):
-        raise ValueError("give a count ≥ 1 or a fraction in (0, 1)")
-    return value
-
-
-class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LimitedConfig(StrictConfig):
-    """Fields every evaluator shares."""
-
-    limit: int | float | None = Field(
-        default=None, description="items per task and split: a count, or a fraction < 1; default all"
-    )
-    seed: int = Field(default=0, description="seeds the fixed item subset")
-    batch_size: int = Field(default=64, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0, description="per task; over it the trial fails")
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, value: Limit) -> Limit:
-        return checked_limit(value)
-
-
 def read_zoo(zoo: Path, source: str) -> dict[str, Any]:
     """A zoo's `zoo.json` (issue 2's layout), or a ConfigError saying how to build one."""
     import json
@@ -186,26 +156,9 @@ def read_zoo(zoo: Path, source: str) -> dict[str, Any]:
     return json.loads(manifest.read_text())
 
 
-EVALUATOR_KINDS = ("quick", "lm_eval")
-
-
-def validate_evaluator_config(config: dict[str, Any], source: str = "evaluator") -> StrictConfig:
-    """The evaluator section as its pydantic model (dispatched on `kind`); problems are one-line ConfigErrors."""
-    from mergetune.evaluators.lmeval import LmEvalConfig
-    from mergetune.evaluators.quick import QuickConfig
-
-    if not isinstance(config, dict):
-        raise ConfigError(f"{source}: a mapping with `kind: quick|lm_eval` and its settings")
-    kinds: dict[str, type[StrictConfig]] = {"quick": QuickConfig, "lm_eval": LmEvalConfig}
-    kind = config.get("kind")
-    if kind not in kinds:
-        raise ConfigError(f"{source}: kind: {kind!r} is not an evaluator; use one of {', '.join(EVALUATOR_KINDS)}")
-    return validate_model(kinds[kind], config, source)
-
-
-def build_evaluator(config: dict[str, Any], source: str = "evaluator") -> Evaluator:
+def build_evaluator(config: EvaluatorConfig | dict[str, Any], source: str = "evaluator") -> Evaluator:
     """The evaluator a study config describes (`kind: quick` or `kind: lm_eval`), its data loaded once."""
-    from mergetune.evaluators.lmeval import LmEvalConfig, LmEvalEvaluator
+    from mergetune.evaluators.lmeval import LmEvalEvaluator
     from mergetune.evaluators.quick import QuickEvaluator
 
     validated = validate_evaluator_config(config, source)
@@ -214,10 +167,8 @@ def build_evaluator(config: dict[str, Any], source: str = "evaluator") -> Evalua
     return QuickEvaluator(validated, source)
 
 
-def load_backend(evaluator_config: dict[str, Any], path: str | Path, device: str = "cpu") -> Any:
+def load_backend(evaluator_config: EvaluatorConfig | dict[str, Any], path: str | Path, device: str = "cpu") -> Any:
     """The backend an evaluator config asks for: `backend: vllm` (lm_eval only) → VLLMBackend, else HFBackend."""
-    from mergetune.evaluators.lmeval import LmEvalConfig
-
     config = validate_evaluator_config(evaluator_config)
     if isinstance(config, LmEvalConfig) and config.backend == "vllm":
         from mergetune.evaluators.vllm import VLLMBackend

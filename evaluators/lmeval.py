@@ -10,94 +10,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any
 
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.base import (
     SPLITS,
     EvaluationFailed,
-    Limit,
-    LimitedConfig,
     Objective,
     Split,
-    StrictConfig,
-    checked_limit,
     read_zoo,
     run_guarded,
     subset_indices,
 )
+from mergetune.evaluators.config import Limit, LmEvalConfig, LmEvalTaskConfig
 
 log = logging.getLogger(__name__)
-
-
-class LmEvalTaskConfig(StrictConfig):
-    name: str = Field(description="the objective's name (and the lm-eval task, unless task/search/test say otherwise)")
-    task: str | None = Field(default=None, description="lm-eval task or group for both splits")
-    search: str | None = Field(default=None, description="lm-eval task scored during the search")
-    test: str | None = Field(default=None, description="lm-eval task scored on held-out data")
-    metric: str | None = Field(default=None, description="`metric` or `metric,filter`; default the task's first metric")
-    limit: int | float | None = Field(default=None, description="overrides the evaluator's limit for this task")
-    num_fewshot: int | None = Field(default=None, ge=0)
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, value: Limit) -> Limit:
-        return checked_limit(value)
-
-    def lm_eval_task(self, split: Split) -> str:
-        return getattr(self, split) or self.task or self.name
-
-
-class LmEvalConfig(LimitedConfig):
-    kind: Literal["lm_eval"]
-    backend: Literal["hf", "vllm"] = "hf"
-    zoo: Path | None = Field(default=None, description="a zoo directory: its lm-eval tasks (search/test) and include path")
-    tasks: list[LmEvalTaskConfig] = Field(
-        default_factory=list, description="task names, {name: task}, {name: {search, test, metric, ...}} or a list of those"
-    )
-    include_path: list[Path] = Field(default_factory=list, description="folders of task YAML files")
-    seed: int | None = Field(default=0, description="seeds the item subset; null = lm-eval's own first-`limit` items")
-    num_fewshot: int | None = Field(default=None, ge=0)
-    fewshot_seed: int = 1234
-    apply_chat_template: bool | str = False
-    fewshot_as_multiturn: bool = False
-    system_instruction: str | None = None
-    batch_size: int | Literal["auto"] = 8
-    model_args: dict[str, Any] = Field(default_factory=dict, description="passed to lm-eval's model class as is")
-    weight_renames: list[tuple[str, str]] = Field(
-        default_factory=list, description="vLLM only: regex → replacement on checkpoint names before vLLM's load_weights"
-    )
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _task_list(cls, value: Any) -> Any:
-        """Every accepted spelling → a list of {name, ...} mappings."""
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, dict):
-            value = [
-                {"name": name, "task": spec} if isinstance(spec, str) else {"name": name, **(spec or {})}
-                for name, spec in value.items()
-            ]
-        if isinstance(value, list):
-            value = [{"name": spec} if isinstance(spec, str) else spec for spec in value]
-        return value
-
-    @field_validator("include_path", mode="before")
-    @classmethod
-    def _path_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str | Path) else value
-
-    @model_validator(mode="after")
-    def _has_tasks(self) -> LmEvalConfig:
-        if self.zoo is None and not self.tasks:
-            raise ValueError("give `tasks:` (lm-eval task names) or `zoo:`")
-        names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise ValueError("tasks: each objective name once")
-        return self
 
 
 @dataclass

@@ -14,50 +14,22 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field, model_validator
 
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.base import (
     SPLITS,
     HFBackend,
-    LimitedConfig,
     Objective,
     Part,
     Split,
-    StrictConfig,
     read_zoo,
     run_guarded,
     subset_indices,
 )
+from mergetune.evaluators.config import QuickConfig, QuickTaskConfig
 from mergetune.evaluators.generation import answer_logprobs, exact_matches, greedy_generate
 
 log = logging.getLogger(__name__)
-
-Metric = Literal["exact_match", "logprob"]
-
-
-class QuickTaskConfig(StrictConfig):
-    search: Path = Field(description="JSONL of {prompt, answer} records scored during the search")
-    test: Path = Field(description="JSONL of held-out {prompt, answer} records")
-    max_new_tokens: int = Field(ge=1)
-
-
-class QuickConfig(LimitedConfig):
-    kind: Literal["quick"]
-    zoo: Path | None = Field(default=None, description="a zoo directory: all its tasks and splits")
-    tasks: dict[str, QuickTaskConfig] | None = Field(default=None, description="tasks spelled out (instead of zoo)")
-    metrics: list[Metric] = Field(default=["exact_match"], min_length=1)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> QuickConfig:
-        if (self.zoo is None) == (self.tasks is None):
-            raise ValueError("give either `zoo:` or `tasks:`")
-        if len(set(self.metrics)) != len(self.metrics):
-            raise ValueError("metrics: each metric once")
-        return self
-
 
 @dataclass(frozen=True)
 class QuickTask:

@@ -19,22 +19,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mergetune.core.config import load_yaml, validate_model
+from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
+from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind
+from mergetune.merge.domains import param_domain
+from mergetune.search.params import DEFAULT_RANGES, WEIGHT, methods_searching, searched_names
 
-DEFAULT_RANGES: dict[str, tuple[float, float]] = {
-    "weight": (0.0, 1.0),
-    "lambda": (0.2, 1.5),
-    "density": (0.1, 1.0),
-    "t": (0.0, 1.0),
-    "gamma": (0.0, 0.1),
-    "epsilon": (0.0, 0.2),
-    "power": (0.25, 2.0),
-}
+# Optuna's samplers seed numpy, which takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/NaN would not survive the JSON trip to the workers (they become null).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelsConfig(_Strict):
@@ -74,14 +71,43 @@ class SearchConfig(_Strict):
 
     @field_validator("ranges")
     @classmethod
-    def _ordered(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    def _ranges_in_domain(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for name, (low, high) in value.items():
+            _check_searched(name, "ranges", searched_names())
+            problem = None
             if not low <= high:
-                raise ValueError(f"{name}: range must be [low, high] with low <= high")
+                problem = "range must be [low, high] with low <= high"
+            for method in methods_searching(name):
+                domain = param_domain(method, name)
+                if problem is None and (low not in domain or high not in domain):
+                    problem = f"[{low:g}, {high:g}] must lie in {domain}, the values '{method}' accepts"
+            if name == WEIGHT and low == high == 0:
+                problem = "[0, 0] makes every expert's weight 0; give a range with a non-zero end"
+            if problem is not None:
+                raise keyed_error(name, problem, [low, high])
+        return value
+
+    @field_validator("shared")
+    @classmethod
+    def _shared_are_searched(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_searched(name, "shared", searched_names())
+        return value
+
+    @field_validator("per_expert")
+    @classmethod
+    def _per_expert_are_searched(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_searched(name, "per_expert", [n for n in searched_names() if n != WEIGHT])
         return value
 
     def range_of(self, param: str) -> tuple[float, float] | None:
         return self.ranges.get(param, DEFAULT_RANGES.get(param))
+
+
+def _check_searched(name: str, field: str, allowed: list[str]) -> None:
+    if name not in allowed:
+        raise ValueError(f"{name!r} is not a searched parameter; {field} may name {', '.join(allowed)}")
 
 
 class ObjectiveConfig(_Strict):
@@ -132,7 +158,9 @@ class RayConfig(_Strict):
     workers: int = Field(default=1, ge=1, description="actors, i.e. trials in flight")
     cpus_per_worker: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0, description="1 places one actor per GPU")
-    device: str | None = Field(default=None, description="torch device of the workers (default: cuda with GPUs)")
+    device: str | None = Field(
+        default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="torch device of the workers: cpu or cuda (default: cuda with GPUs)"
+    )
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
 
 
@@ -144,7 +172,7 @@ class StudyConfig(_Strict):
     objectives: list[ObjectiveConfig] | None = Field(
         default=None, description="default: every objective the evaluator reports, maximized"
     )
-    evaluator: dict[str, Any] | None = Field(default=None, description="the evaluator config (`kind: quick|lm_eval`)")
+    evaluator: EvaluatorConfig | None = Field(default=None, description="the evaluator config (`kind: quick|lm_eval`)")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(n_trials=50))
     pruning: PruningConfig = Field(default_factory=PruningConfig)
@@ -153,8 +181,15 @@ class StudyConfig(_Strict):
         default=120, ge=0, description="how long an unreachable storage is retried (with backoff) before the run stops"
     )
     ray: RayConfig = Field(default_factory=RayConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seeds the sampler; trial n's recipe gets seed + n")
     warm_start: bool = True
+
+    @field_validator("evaluator", mode="before")
+    @classmethod
+    def _evaluator_kind(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, BaseModel):
+            check_evaluator_kind(value)
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> StudyConfig:
@@ -164,7 +199,7 @@ class StudyConfig(_Strict):
             raise ValueError("evaluator: give `evaluator:` or `zoo:`")
         if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
-        if self.pruning.enabled and self.evaluator.get("kind") != "quick":
+        if self.pruning.enabled and self.evaluator.kind != "quick":
             raise ValueError("pruning.enabled: two-stage scoring needs `evaluator.kind: quick`; set pruning.enabled: false")
         return self
 
@@ -187,6 +222,8 @@ def default_storage(study: str) -> str:
 
 def _expand_zoo(data: dict, source: str) -> dict:
     """`zoo: PATH` → models (base, experts, moments) and a quick evaluator over the zoo's tasks."""
+    if not isinstance(data["zoo"], str):
+        raise ConfigError(f"{source}: zoo: give the path of a zoo directory, not {data['zoo']!r}")
     zoo = Path(data["zoo"])
     if not (zoo / "base").is_dir() or not (zoo / "experts").is_dir():
         raise ConfigError(f"{source}: zoo: {zoo} is not a zoo (no base/ and experts/); build one with `mergetune zoo build`")

@@ -77,7 +77,7 @@ def study_config(tmp_path, name, n_trials, workers=2, **extra):
     data = {
         "study": name,
         "models": {"base": str(base), "experts": {"a": "/nowhere/a", "b": "/nowhere/b"}},
-        "evaluator": {"kind": "quick"},
+        "evaluator": {"kind": "quick", "zoo": "/zoo"},
         "search": {"layer_groups": 2, "methods": ["linear", "task_arithmetic", "ties"]},
         "budget": {"n_trials": n_trials},
         "storage": f"sqlite:///{tmp_path / 'studies.db'}",

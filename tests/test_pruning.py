@@ -27,7 +27,7 @@ def study_data(tmp_path, name="p", **extra) -> dict:
     return {
         "study": name,
         "models": {"base": str(base), "experts": {"a": "/nowhere/a", "b": "/nowhere/b"}},
-        "evaluator": {"kind": "quick"},
+        "evaluator": {"kind": "quick", "zoo": "/zoo"},
         "search": {"layer_groups": 2, "methods": ["linear", "task_arithmetic", "ties"]},
         "storage": f"sqlite:///{tmp_path / 'studies.db'}",
         "sampler": {"m3_prior": {"n_startup": 6}},
@@ -47,10 +47,10 @@ def test_pruning_is_off_by_default_and_validated(tmp_path):
 @pytest.mark.parametrize(
     ("pruning", "evaluator", "message"),
     [
-        ({"enabled": True, "first_shar": 0.5}, {"kind": "quick"}, "first_shar"),
-        ({"first_share": 1.0}, {"kind": "quick"}, "first_share"),
-        ({"min_complete": 0}, {"kind": "quick"}, "min_complete"),
-        ({"enabled": True}, {"kind": "lm_eval"}, "pruning.enabled: two-stage scoring needs `evaluator.kind: quick`"),
+        ({"enabled": True, "first_shar": 0.5}, {"kind": "quick", "zoo": "/zoo"}, "first_shar"),
+        ({"first_share": 1.0}, {"kind": "quick", "zoo": "/zoo"}, "first_share"),
+        ({"min_complete": 0}, {"kind": "quick", "zoo": "/zoo"}, "min_complete"),
+        ({"enabled": True}, {"kind": "lm_eval", "tasks": ["t"]}, "pruning.enabled: two-stage scoring needs `evaluator.kind: quick`"),
     ],
 )
 def test_pruning_config_errors_are_one_line(tmp_path, pruning, evaluator, message):

@@ -14,7 +14,7 @@ def minimal(**extra):
     return {
         "study": "s",
         "models": {"base": "/b", "experts": {"x": "/x", "y": "/y"}},
-        "evaluator": {"kind": "quick"},
+        "evaluator": {"kind": "quick", "zoo": "/zoo"},
         **extra,
     }
 
@@ -58,7 +58,7 @@ def test_defaults():
             "cmaes optimises one objective",
         ),
         ({**minimal(), "models": {"base": "/b", "experts": {"x": "/x"}, "moments": {"z": "/z"}}}, "moments: 'z' is not an expert"),
-        ({"study": "s", "evaluator": {"kind": "quick"}}, "models: give `models:`"),
+        ({"study": "s", "evaluator": {"kind": "quick", "zoo": "/zoo"}}, "models: give `models:`"),
     ],
 )
 def test_mistakes_are_one_line_errors_naming_the_field(data, message):

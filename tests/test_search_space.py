@@ -14,7 +14,7 @@ def config(**search):
         {
             "study": "t",
             "models": {"base": "/nowhere/base", "experts": {"math": "/m", "code": "/c", "facts": "/f"}},
-            "evaluator": {"kind": "quick"},
+            "evaluator": {"kind": "quick", "zoo": "/zoo"},
             "search": {"layer_groups": 2, "methods": ["linear", "task_arithmetic", "ties", "dare_ties"], **search},
         },
         "test",

@@ -31,7 +31,7 @@ def test_status_counts_trials_and_shows_the_best(tmp_path):
     study = optuna.create_study(study_name="st", storage=url, directions=["maximize", "minimize"])
     study.set_user_attr(
         "config",
-        {"study": "st", "models": {"base": "/b", "experts": {"x": "/x"}}, "evaluator": {"kind": "quick"}, "budget": {"n_trials": 10}},
+        {"study": "st", "models": {"base": "/b", "experts": {"x": "/x"}}, "evaluator": {"kind": "quick", "zoo": "/zoo"}, "budget": {"n_trials": 10}},
     )
     study.set_user_attr("objectives", [{"name": "acc", "direction": "maximize"}, {"name": "loss", "direction": "minimize"}])
     for values in ([0.5, 2.0], [0.7, 3.0], [0.6, 1.0]):
