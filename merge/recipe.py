@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
 
 from mergetune.core.config import load_yaml_model, validate_model
 from mergetune.core.errors import ConfigError
+from mergetune.merge.domains import rule_problem
 from mergetune.merge.methods import get_method
 
 ParamValue = Union[bool, int, float, str, dict[str, float]]
@@ -47,7 +48,7 @@ class Rule(BaseModel):
     method: str
     models: list[str] | None = Field(default=None, description="experts this rule merges (default: all)")
     params: dict[str, ParamValue] = Field(default_factory=dict)
-    weights: dict[str, float] = Field(default_factory=dict, description="per-expert weight (default 1.0)")
+    weights: dict[str, FiniteFloat] = Field(default_factory=dict, description="per-expert weight (default 1.0)")
 
     @field_validator("match", mode="before")
     @classmethod
@@ -138,6 +139,10 @@ class Recipe(BaseModel):
             if unknown:
                 allowed = ", ".join(sorted(spec.params)) or "(none)"
                 raise ValueError(f"{where}.params: method '{rule.method}' has no parameter {unknown[0]!r}; allowed: {allowed}")
+            annotations = {name: param.annotation for name, param in spec.params.items()}
+            problem = rule_problem(rule.method, rule.params, rule.weight_list(experts), annotations)
+            if problem is not None:
+                raise ValueError(f"{where}.{problem}")
             n = len(rule.experts(experts))
             try:
                 spec.bind(rule.method_kwargs(experts), n)

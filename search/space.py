@@ -23,26 +23,12 @@ from pathlib import Path
 import optuna
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.domains import UNWEIGHTED_METHODS, weight_domain
 from mergetune.merge.methods import get_method, method_names
 from mergetune.merge.recipe import Recipe, Rule
 from mergetune.search.config import StudyConfig
+from mergetune.search.params import SEARCHED_PARAMS, WEIGHT, searched_names
 
-# Which method params the search tunes by default; the rest keep the method's default
-# (e.g. OTA's ε = 1e-30 must never be searched on a [0, 0.2] range).
-SEARCHED_PARAMS: dict[str, tuple[str, ...]] = {
-    "task_arithmetic": ("lambda",),
-    "ties": ("density", "lambda"),
-    "dare_ties": ("density", "lambda"),
-    "dare_linear": ("density", "lambda"),
-    "della": ("density", "epsilon", "lambda"),
-    "della_linear": ("density", "epsilon", "lambda"),
-    "breadcrumbs": ("density", "gamma", "lambda"),
-    "breadcrumbs_ties": ("density", "gamma", "lambda"),
-    "slerp": ("t",),
-    "ota": ("density", "power"),
-}
-# Methods whose result does not depend on per-expert weights: no weight params for them.
-UNWEIGHTED_METHODS = frozenset({"slerp", "model_stock", "passthrough", "m3"})
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
 WEIGHT_PARAM = re.compile(r"^(?P<group>[^.]+)\.weight\.(?P<expert>.+)$")
 
@@ -111,6 +97,7 @@ class SearchSpace:
         has_moments = set(config.models.moments) == set(self.experts)
         stats = {"moments": has_moments, "fisher": bool(config.models.fisher) or has_moments, "gram": bool(config.models.gram)}
         self.methods = self._allowed_methods(self.search.methods, stats)
+        self._check_against_methods()
         if n_layers is None:
             n_layers = num_layers(config.models.base)
         self.groups = layer_groups(
@@ -137,6 +124,20 @@ class SearchSpace:
         if not requested:
             raise ConfigError("search.methods: give at least one method")
         return list(requested)
+
+    def _check_against_methods(self) -> None:
+        """What the config alone cannot check: the weight range against the chosen methods, per-expert params."""
+        low, high = self._range(WEIGHT)
+        for method in self.methods:
+            domain = weight_domain(method)
+            if self.uses_weights(method) and (low not in domain or high not in domain):
+                raise ConfigError(f"search.ranges.weight: [{low:g}, {high:g}] must lie in {domain} for '{method}', "
+                                  "whose weights scale each expert's statistics; narrow the range or drop the method")
+        per_model = {p for m in method_names() for p, spec in get_method(m).params.items() if spec.per_model}
+        for name in self.search.per_expert:
+            if name not in per_model:
+                raise ConfigError(f"search.per_expert: {name!r} takes one value for all experts in every method; "
+                                  f"per-expert params: {', '.join(sorted(per_model & set(searched_names())))}")
 
     # --- trial → recipe ---
     def _prefix(self, group: str, param: str) -> str:
@@ -182,23 +183,27 @@ class SearchSpace:
 
     # --- classic recipes as params (warm start) ---
     def uniform_params(self, method: str, overrides: dict[str, float]) -> dict[str, object]:
-        """Params that make every group use `method` with the method's defaults, `overrides`,
-        and equal weights 1.0 (clipped into the searched ranges)."""
+        """Params that make every group use `method` with the method's defaults, `overrides`, and equal
+        weights 1.0; a ValueError says which value lies outside its searched range (it is never clipped:
+        a clipped classic is another recipe, e.g. nearly the base model for a density range near 0)."""
         spec = get_method(method)
         params: dict[str, object] = {}
         for group in self.groups:
             params[f"{group.name}.method"] = method
             for param in self.searched_params(method):
-                low, high = self._range(param)
-                value = float(overrides.get(param, spec.params[param].default))
-                value = min(max(value, low), high)
+                value = self._in_range(param, float(overrides.get(param, spec.params[param].default)))
                 name = f"{self._prefix(group.name, param)}.{method}.{param}"
                 if spec.params[param].per_model and param in self.search.per_expert:
                     params.update({f"{name}.{e}": value for e in self.experts})
                 else:
                     params[name] = value
             if self.uses_weights(method):
-                low, high = self._range("weight")
-                weight = min(max(1.0, low), high)
+                weight = self._in_range(WEIGHT, 1.0)
                 params.update({weight_param(self._prefix(group.name, "weight"), e): weight for e in self.experts})
         return params
+
+    def _in_range(self, param: str, value: float) -> float:
+        low, high = self._range(param)
+        if not low <= value <= high:
+            raise ValueError(f"{param} {value:g} lies outside search.ranges.{param} [{low:g}, {high:g}]")
+        return value

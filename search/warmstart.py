@@ -7,9 +7,13 @@ resumed study does not run them twice.
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 
 from mergetune.search.space import SearchSpace
+
+log = logging.getLogger(__name__)
 
 # (baseline name, method used by every group, params overriding the method's defaults)
 CLASSIC_RECIPES: tuple[tuple[str, str, dict[str, float]], ...] = (
@@ -23,12 +27,17 @@ CLASSIC_RECIPES: tuple[tuple[str, str, dict[str, float]], ...] = (
 
 
 def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, object]]]:
-    """The classic recipes the space can express (their method is allowed), as trial params."""
-    return [
-        (name, space.uniform_params(method, overrides))
-        for name, method, overrides in CLASSIC_RECIPES
-        if method in space.methods
-    ]
+    """The classic recipes the space can express exactly (method allowed, values in the searched ranges), as
+    trial params; one outside the ranges is skipped with a warning, never run as another recipe under its name."""
+    out = []
+    for name, method, overrides in CLASSIC_RECIPES:
+        if method not in space.methods:
+            continue
+        try:
+            out.append((name, space.uniform_params(method, overrides)))
+        except ValueError as exc:
+            log.warning("warm start: baseline %s skipped: %s; widen the range to run it", name, exc)
+    return out
 
 
 def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
