@@ -21,3 +21,7 @@ class ModelSetError(MergetuneError):
 
 class DiskFullError(MergetuneError):
     """The disk filled up while writing; nothing partial is left behind."""
+
+
+class NonFiniteMergeError(MergetuneError):
+    """A merged tensor came out with NaN or inf values; the merge stops (a disk merge writes nothing)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergetune.core.errors import ModelSetError
+from mergetune.core.errors import ModelSetError, NonFiniteMergeError
 from mergetune.merge import moments as rank1
 from mergetune.merge.methods import MethodSpec, TensorInputs, get_method, tensor_generator
 from mergetune.merge.recipe import Recipe, Rule
@@ -547,11 +547,21 @@ def merge_tensor(
         gram=stats.get("gram"),
         generator=tensor_generator(seed, name),
         global_threshold=threshold,
+        seed=seed,
     )
     out = plan.spec.fn(inputs, **plan.kwargs)
     reference = base if base is not None else (models or deltas)[0]
     if out.shape != reference.shape:
         raise ValueError(f"method '{plan.spec.name}' returned shape {list(out.shape)} for {name} {list(reference.shape)}")
+    if not torch.isfinite(out).all():
+        given = models if models is not None else deltas
+        culprit = "the base model" if base is not None and not torch.isfinite(base).all() else next(
+            (f"expert {e!r}" for e, t in zip(plan.experts, given) if not torch.isfinite(t).all()), None
+        )
+        cause = f"{culprit} has NaN/inf values in it; fix or drop that model" if culprit else "change the rule's params"
+        raise NonFiniteMergeError(
+            f"merged tensor {name!r} (rules.{plan.index}, {plan.spec.name}) has NaN/inf values: {cause}; the merge stopped"
+        )
     return out
 
 

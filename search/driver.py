@@ -481,8 +481,9 @@ def run_study(
     `worker_cls` and `sampler` replace the TrialWorker and the configured sampler (tests, benchmarks)."""
     import ray
 
-    from mergetune.search.workers import TrialWorker, load_modelset
+    from mergetune.search.workers import TrialWorker, check_worker_device, load_modelset
 
+    check_worker_device(config)  # what the config model cannot check alone, before Ray starts
     console = console or Console()
     space = SearchSpace(config)
     if worker_cls is None:

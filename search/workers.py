@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mergetune.core.errors import ConfigError
 from mergetune.core.versions import package_versions
 from mergetune.search.config import StudyConfig
 
@@ -47,6 +48,20 @@ def worker_device(config: StudyConfig) -> str:
     if config.ray.device is not None:
         return config.ray.device
     return "cuda" if config.ray.gpus_per_worker > 0 else "cpu"
+
+
+def check_worker_device(config: StudyConfig) -> None:
+    """`ray.device: cuda` on a local Ray needs CUDA here; called by the driver before Ray starts
+    (a cluster's GPUs are on other nodes, so `ray.address` skips the check)."""
+    if config.ray.device is None or not config.ray.device.startswith("cuda") or config.ray.address:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"ray.device: {config.ray.device} asked for, but torch sees no CUDA device on this machine; "
+            "use `ray.device: cpu`, or `ray.address` to join a cluster with GPUs"
+        )
 
 
 def placement() -> dict[str, object]:
