@@ -1,4 +1,4 @@
-"""Atomic output directories: build into a temp dir beside the target, rename at the end."""
+"""Atomic outputs: build into a temp dir (or file) beside the target, rename at the end; a full disk is one error."""
 
 from __future__ import annotations
 
@@ -43,10 +43,58 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
             os.rename(tmp, out)
     except (OSError, DiskFullError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        # A DiskFullError from an atomic dir nested in this one names our temp dir; name `out` instead.
-        if isinstance(exc, DiskFullError) or exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"disk full while writing {out}; nothing was written, free space and retry") from exc
+        # A DiskFullError from an atomic output nested in this one names our temp dir; name `out` instead.
+        full = _disk_full(out, exc)
+        if full is not None:
+            raise full from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _disk_full(out: Path, exc: BaseException) -> DiskFullError | None:
+    if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return DiskFullError(f"disk full while writing {out}; nothing was written, free space and retry")
+    return None
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temp file path beside `out`; on success it replaces `out` in one rename.
+
+    An existing `out` needs `force`. On any error the temp file is removed and `out` is untouched;
+    a full disk (also as safetensors reports it) becomes a DiskFullError.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; choose a file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with safetensors_disk_errors():
+            yield tmp
+        os.replace(tmp, out)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = _disk_full(out, exc)
+        if full is not None:
+            raise full from exc
+        raise
+
+
+@contextlib.contextmanager
+def safetensors_disk_errors() -> Iterator[None]:
+    """safetensors reports a full disk as SafetensorError; re-raise it as the OSError the atomic outputs handle."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        if "os error 28" in str(exc):
+            raise OSError(errno.ENOSPC, str(exc)) from exc
         raise

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         timings = merge_recipe_to_dir(
             parsed, out, seed=seed, device=device, force=force, progress=True, max_shard_bytes=int(shard_gb * 1024**3)
         )
-        console.print(f"merged into {out} in {timings['total_s']:.1f}s")
+        console.print(f"merged into {out} in {timings['total_s']:.1f}s", markup=False)
 
     stats_app = typer.Typer(help="Calibration statistics for Fisher averaging and RegMean.", no_args_is_help=True)
     app.add_typer(stats_app, name="stats")
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
 
             check_device(device)
             path = compute_stats_file(kind, model, data, out, limit=limit, batch_size=batch_size, device=device, force=force)
-            console.print(f"wrote {path}")
+            console.print(f"wrote {path}", markup=False)
 
         command.__doc__ = summary
         return command
@@ -80,4 +80,4 @@ def register(app: typer.Typer) -> None:
             raise OutputExistsError(f"{out} exists; pass --force to replace it")
         counts = compress_moments(src, out)
         ratio = counts["elements_before"] / max(counts["elements_after"], 1)
-        console.print(f"wrote {out}: {counts['elements_before']:,} → {counts['elements_after']:,} values ({ratio:.0f}× smaller)")
+        console.print(f"wrote {out}: {counts['elements_before']:,} → {counts['elements_after']:,} values ({ratio:.0f}× smaller)", markup=False)

@@ -9,13 +9,13 @@ file is marked in its safetensors metadata, so readers (`modelset.StatsFile`) te
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ModelSetError
+from mergetune.core.fs import atomic_output_file
 
 FORMAT_KEY = "mergetune_moments"
 RANK1 = "rank1"
@@ -67,14 +67,7 @@ def compress_moments(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str
     except (SafetensorError, OSError) as exc:
         raise ModelSetError(f"{src}: cannot read second moments ({exc}); check the file") from exc
     metadata[FORMAT_KEY] = RANK1
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_output_file(dst, force=True) as tmp:
         save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"elements_before": before, "elements_after": sum(t.numel() for t in tensors.values())}
 

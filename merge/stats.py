@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError, OutputExistsError
+from mergetune.core.fs import atomic_output_file
+from mergetune.merge.modelset import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def encode(tokenizer, records: list[dict[str, str]]) -> list[tuple[list[int], in
 def load_model(model_dir: str | Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).to(device)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -124,22 +124,13 @@ def gram_matrices(model: torch.nn.Module, examples: list[tuple[list[int], int]],
 
 
 def save_stats(tensors: dict[str, Tensor], out: str | Path, metadata: dict[str, str], force: bool = False) -> Path:
-    """Write a statistics file atomically (temp file + rename); an existing file needs `force`."""
+    """Write a statistics file atomically (temp file + rename); an existing file needs `force`, a full disk
+    is a DiskFullError with nothing left behind."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output_file(out, force) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out)
 
 
 def compute_stats_file(
@@ -157,7 +148,8 @@ def compute_stats_file(
     if Path(out).exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     records = read_calibration(data, limit)
-    model, tokenizer = load_model(model_dir, device)
+    weights = Checkpoint.open(model_dir).path  # safetensors weights, else a one-line error (no pickles)
+    model, tokenizer = load_model(weights, device)
     examples = encode(tokenizer, records)
     tensors = diagonal_fisher(model, examples) if kind == "fisher" else gram_matrices(model, examples, batch_size)
     metadata = {"kind": kind, "examples": str(len(examples)), "model": str(model_dir), "data": str(data)}

@@ -58,22 +58,25 @@ def export(
     opened = open_study(study, storage)
     chosen = pick_trial(opened, trial, pick)
     export_trial(opened, chosen, out, fmt=fmt, force=force, device=device)  # type: ignore[arg-type]
-    Console().print(f"exported trial {chosen.number} ({recipe_summary(trial_recipe(chosen))}) to {out}")
+    Console().print(f"exported trial {chosen.number} ({recipe_summary(trial_recipe(chosen))}) to {out}", markup=False)
 
 
 def report(
     study: str = typer.Option(..., "--study", help="Study name."),
     storage: str | None = typer.Option(None, "--storage", help=STORAGE_HELP),
-    out: Path = typer.Option(..., "--out", help="Directory for report.html and the PNGs."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.html and the PNGs (atomic; an existing one needs --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report directory."),
 ) -> None:
     """Write an offline HTML report (plotly) and PNG plots (matplotlib) of a study."""
     from rich.console import Console
 
+    from mergetune.core.fs import check_output_dir
     from mergetune.studies.report import write_report
     from mergetune.studies.store import open_study
 
-    files = write_report(open_study(study, storage), out)
-    Console().print("wrote " + ", ".join(str(f) for f in files))
+    check_output_dir(out, force)
+    files = write_report(open_study(study, storage), out, force=force)
+    Console().print("wrote " + ", ".join(str(f) for f in files), markup=False)
 
 
 def register(app: typer.Typer) -> None:

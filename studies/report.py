@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.core.errors import MergetuneError
+from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.studies.front import (
     front_trials,
     objective_names,
@@ -28,22 +29,24 @@ from mergetune.studies.front import (
 log = logging.getLogger(__name__)
 
 
-def write_report(study: optuna.Study, out: str | Path) -> list[Path]:
-    """Write report.html and PNGs into `out` (created if missing); returns the written files."""
+def write_report(study: optuna.Study, out: str | Path, force: bool = False) -> list[Path]:
+    """Write report.html and PNGs into the directory `out`, atomically (an existing non-empty one needs
+    `force`; on any error, a full disk included, `out` is left as it was); returns the written files."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, force)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise MergetuneError(f"study {study.study_name!r} has no COMPLETE trial yet; nothing to report")
     names = objective_names(study)
     front = front_trials(study)
     figures = _plotly_figures(study, complete, names)
-    html_path = out / "report.html"
-    html_path.write_text(_html(study, figures, front, names, len(study.trials)))
-    written = [html_path, *_pngs(study, complete, front, names, out)]
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "report.html").write_text(_html(study, figures, front, names, len(study.trials)), encoding="utf-8")
+        files = ["report.html", *(p.name for p in _pngs(study, complete, front, names, tmp))]
+    written = [out / name for name in files]
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import errno
 import json
 import logging
 import time
@@ -16,11 +14,10 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergetune.core.fs import atomic_output_dir, check_output_dir
+from mergetune.core.fs import atomic_output_dir, check_output_dir, safetensors_disk_errors
 from mergetune.evaluators.generation import exact_match, greedy_generate
 from mergetune.zoo.presets import Preset, Schedule, get_preset
 from mergetune.zoo.tasks import SPLITS, TASKS, task_splits
@@ -84,17 +81,6 @@ def save_moments(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     # Same keys and values, so the compact JSON has the same length; safetensors pads headers with spaces.
     data[8 : 8 + header_len] = json.dumps(header, separators=(",", ":")).encode().ljust(header_len, b" ")
     path.write_bytes(bytes(data))
-
-
-@contextlib.contextmanager
-def safetensors_disk_errors():
-    """safetensors reports a full disk as SafetensorError; re-raise it as the OSError `atomic_output_dir` handles."""
-    try:
-        yield
-    except SafetensorError as exc:
-        if "os error 28" in str(exc):
-            raise OSError(errno.ENOSPC, str(exc)) from exc
-        raise
 
 
 def average_state_dict(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -279,6 +265,7 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
     console.print(accuracy_table(accuracy, preset.tasks))
     console.print(
         f"zoo {preset.name} (seed {seed}) built in {manifest['build_seconds']:.0f} s wall, "
-        f"{timings['cpu_seconds']:.0f} s CPU, {torch.get_num_threads()} threads → {out}"
+        f"{timings['cpu_seconds']:.0f} s CPU, {torch.get_num_threads()} threads → {out}",
+        markup=False,
     )
     return manifest
