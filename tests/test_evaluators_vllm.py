@@ -101,12 +101,12 @@ def test_load_backend_builds_lm_evals_vllm_model(monkeypatch):
         "backend": "vllm",
         "tasks": ["gsm8k"],
         "batch_size": "auto",
-        "model_args": {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2},
+        "model_args": {"gpu_memory_utilization": 0.5, "enforce_eager": True},
         "weight_renames": [["^base_model\\.model\\.", ""]],
     }
     backend = load_backend(config, "/models/base", "cuda")
     assert isinstance(backend, VLLMBackend)
-    assert backend.lm.kwargs == {"pretrained": "/models/base", "batch_size": "auto", "gpu_memory_utilization": 0.5, "tensor_parallel_size": 2}
+    assert backend.lm.kwargs == {"pretrained": "/models/base", "batch_size": "auto", "gpu_memory_utilization": 0.5, "enforce_eager": True}
     assert backend.renames == [("^base_model\\.model\\.", "")]
     assert backend.lm_eval_model("auto", {}) is backend.lm
 
