@@ -46,6 +46,8 @@ def read_records(path: Path, source: str) -> list[dict[str, str]]:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: {path} is not UTF-8 text; save it as UTF-8") from None
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -32,17 +32,20 @@ def read_calibration(path: str | Path, limit: int | None = None) -> list[dict[st
     if not path.is_file():
         raise ConfigError(f"calibration data {path} not found")
     records = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                records.append({"prompt": str(record["prompt"]), "answer": str(record.get("answer", ""))})
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path}:{number}: expected a JSON object with a \"prompt\" (and \"answer\")") from None
-            if limit is not None and len(records) >= limit:
-                break
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"calibration data {path} is not UTF-8 text; save it as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append({"prompt": str(record["prompt"]), "answer": str(record.get("answer", ""))})
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{number}: expected a JSON object with a \"prompt\" (and \"answer\")") from None
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise ConfigError(f"{path} has no records")
     return records

@@ -288,3 +288,16 @@ def test_stats_on_a_full_disk_is_one_line_and_leaves_nothing(models, calibration
     err = cli_error(["stats", "gram", models["math"], "--data", str(calibration), "--out", str(out)], capsys)
     assert f"disk full while writing {out}; nothing was written" in err
     assert list(out.parent.iterdir()) == []
+
+
+def test_data_files_that_are_not_utf8_are_one_line_errors(tmp_path):
+    from mergetune.evaluators.base import build_evaluator
+    from mergetune.merge.stats import read_calibration
+
+    latin1 = tmp_path / "t.jsonl"
+    latin1.write_bytes('{"prompt": "caf\u00e9", "answer": "x"}\n'.encode("latin-1"))
+    spelled = {"t": {"search": str(latin1), "test": str(latin1), "max_new_tokens": 2}}
+    with pytest.raises(ConfigError, match=r"t\.jsonl is not UTF-8 text; save it as UTF-8$"):
+        build_evaluator({"kind": "quick", "tasks": spelled})
+    with pytest.raises(ConfigError, match=r"t\.jsonl is not UTF-8 text; save it as UTF-8$"):
+        read_calibration(latin1)
