@@ -14,6 +14,7 @@ Every section has sound defaults; unknown keys are rejected with the allowed one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,10 +159,15 @@ class RayConfig(_Strict):
     workers: int = Field(default=1, ge=1, description="actors, i.e. trials in flight")
     cpus_per_worker: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0, description="1 places one actor per GPU")
-    device: str | None = Field(
-        default=None, pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="torch device of the workers: cpu or cuda (default: cuda with GPUs)"
-    )
+    device: str | None = Field(default=None, description="torch device of the workers: cpu or cuda (default: cuda with GPUs)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
+            raise ValueError(f"{value!r} is not a device the workers can use; give cpu or cuda (cuda:N)")
+        return value
 
 
 class StudyConfig(_Strict):

@@ -101,7 +101,7 @@ def _with(**changes: object) -> dict:
         (_with(seed=2**70), "seed: Input should be less than or equal to 4294967295"),
         (_with(seed=-1), "seed: Input should be greater than or equal to 0"),
         ({**STUDY, "zoo": 5}, "zoo: give the path of a zoo directory, not 5"),
-        (_with(ray__device="gpu"), "ray.device: String should match pattern"),
+        (_with(ray__device="gpu"), "ray.device: 'gpu' is not a device the workers can use; give cpu or cuda (cuda:N)"),
     ],
 )
 def test_a_bad_study_config_is_one_line_before_ray_and_writes_nothing(data, message, tmp_path, monkeypatch, capsys, no_ray):
