@@ -82,8 +82,8 @@ class SearchConfig(_Strict):
                 domain = param_domain(method, name)
                 if problem is None and (low not in domain or high not in domain):
                     problem = f"[{low:g}, {high:g}] must lie in {domain}, the values '{method}' accepts"
-            if name == WEIGHT and low == high == 0:
-                problem = "[0, 0] makes every expert's weight 0; give a range with a non-zero end"
+            if name in (WEIGHT, "lambda") and low == high == 0:  # every merge would be the base (or zero)
+                problem = f"[0, 0] makes every {name} 0; give a range with a non-zero end"
             if problem is not None:
                 raise keyed_error(name, problem, [low, high])
         return value

@@ -83,7 +83,8 @@ def _with(**changes: object) -> dict:
         (_with(search__ranges={"density": [-0.5, -0.1]}), "search.ranges.density: [-0.5, -0.1] must lie in (0, 1]"),
         (_with(search__ranges={"density": [0.5, 1.5]}), "search.ranges.density: [0.5, 1.5] must lie in (0, 1]"),
         (_with(search__ranges={"lambda": [0, math.inf]}), "search.ranges.lambda.1: Input should be a finite number"),
-        (_with(search__ranges={"weight": [0, 0]}), "search.ranges.weight: [0, 0] makes every expert's weight 0"),
+        (_with(search__ranges={"weight": [0, 0]}), "search.ranges.weight: [0, 0] makes every weight 0"),
+        (_with(search__ranges={"lambda": [0, 0]}), "search.ranges.lambda: [0, 0] makes every lambda 0"),
         # evaluator typos: at the driver, not a RayActorError from the worker
         (_with(evaluator__limt=5), "evaluator.limt: unknown key; allowed here: limit, seed, batch_size"),
         (_with(evaluator__kind="quik"), "evaluator: kind: 'quik' is not an evaluator; use one of quick, lm_eval"),
