@@ -78,3 +78,18 @@ def test_a_storage_url_without_its_database_driver_names_the_package():
 
     with pytest.raises(ConfigError, match="mysql\\+pymysql URLs need the Python package pymysql"):
         open_storage("mysql+pymysql://user@127.0.0.1/db")
+
+
+def test_the_whole_study_config_validates_without_torch():
+    """The driver checks the config (evaluator included) before importing torch or starting Ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mergetune.search.config import parse_study_config; "
+        "c = parse_study_config({'study': 's', 'models': {'base': '/b', 'experts': {'x': '/x'}}, "
+        "'evaluator': {'kind': 'lm_eval', 'backend': 'vllm', 'tasks': ['gsm8k']}}, 't'); "
+        "print(type(c.evaluator).__name__, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["LmEvalConfig", "False"], done.stderr
