@@ -69,6 +69,9 @@ class LmEvalConfig(LimitedConfig):
     weight_renames: list[tuple[str, str]] = Field(
         default_factory=list, description="vLLM only: regex → replacement on checkpoint names before vLLM's load_weights"
     )
+    push_bucket_mib: int = Field(
+        default=1024, ge=1, description="vLLM only: the weight push's staging bucket (MiB; a larger tensor gets its own)"
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod
