@@ -128,7 +128,7 @@ class WeightBucket:
                 "offset_bytes": int(offset_bytes),
                 "ref_counter_handle": bytes(counter_handle),
                 "ref_counter_offset": int(counter_offset),
-                "event_handle": bytes(event_handle) if event_handle else b"",
+                "event_handle": None if event_handle is None else bytes(event_handle),
                 "event_sync_required": bool(event_sync),
             }
             self.description: dict[str, Any] = {"transport": transport, "key": key, "ipc": ipc}
