@@ -164,8 +164,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # The engine first (it sizes its KV cache from the free memory), then the resident set and the reference.
     started = time.perf_counter()
+    # One BOS on both backends, as the zoo's models were trained (lm-eval's models decide it each their own way otherwise).
+    lm_eval_args = {"add_bos_token": True}
     model_args = {"dtype": args.dtype, "gpu_memory_utilization": args.gpu_memory_utilization, "max_model_len": max_model_len,
-                  "enable_prefix_caching": True, "seed": args.seed}  # fmt: skip
+                  "enable_prefix_caching": True, "seed": args.seed, **lm_eval_args}  # fmt: skip
     vllm = VLLMBackend.from_pretrained(models["base"], model_args, "auto", device="cuda", bucket_bytes=bucket_bytes)
     engine_start_s = time.perf_counter() - started
     modelset = ModelSet.from_recipe(Recipe.from_dict(trial_recipes(models, args.seed)[0][1]))
@@ -174,7 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf = HFBackend.from_pretrained(models["base"], "cuda", dtype=getattr(torch, args.dtype))
     hf_model_bytes = torch.cuda.memory_allocated() - before_hf
     evaluators = {
-        name: build_evaluator({"kind": "lm_eval", "backend": name, "zoo": str(zoo), "limit": args.limit, "batch_size": 64})
+        name: build_evaluator(
+            {"kind": "lm_eval", "backend": name, "zoo": str(zoo), "limit": args.limit, "batch_size": 64, "model_args": lm_eval_args}
+        )
         for name in ("vllm", "hf")
     }
     prompts = cache_prompts(16, args.seed, 13, max_model_len)
