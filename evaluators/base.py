@@ -173,5 +173,7 @@ def load_backend(evaluator_config: EvaluatorConfig | dict[str, Any], path: str |
     if isinstance(config, LmEvalConfig) and config.backend == "vllm":
         from mergetune.evaluators.vllm import VLLMBackend
 
-        return VLLMBackend.from_pretrained(path, config.model_args, config.batch_size, config.weight_renames)
+        return VLLMBackend.from_pretrained(
+            path, config.model_args, config.batch_size, config.weight_renames, device, config.push_bucket_mib * 2**20
+        )
     return HFBackend.from_pretrained(path, device)

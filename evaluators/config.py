@@ -88,11 +88,29 @@ class LmEvalTaskConfig(StrictConfig):
         return getattr(self, split) or self.task or self.name
 
 
-def _parallel_size(model_args: dict[str, Any], key: str) -> int:
-    value = model_args.get(key, 1)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"model_args.{key}: give a whole number, not {value!r}")
-    return value
+# The weight push serves one engine with one worker; these engine arguments would make part of
+# the engine miss every merge (a data-parallel replica is a fresh engine lm-eval starts per call).
+VLLM_WORKER_EXTENSION = "mergetune.evaluators.vllm_worker.MergetuneWorkerExtension"
+VLLM_SINGLE_ENGINE_ARGS = {
+    "data_parallel_size": "each data-parallel replica is a separate engine that no push reaches, so it would score "
+    "the unmerged checkpoint; use more trial workers (ray.workers, one GPU each) instead",
+    "tensor_parallel_size": "the weight push serves one worker per engine; use one GPU per trial worker",
+    "pipeline_parallel_size": "the weight push serves one worker per engine; use one GPU per trial worker",
+}
+
+
+def vllm_engine_args_problem(model_args: dict[str, Any]) -> str | None:
+    """Why these lm-eval/vLLM model_args cannot take our weight push (one line), or None."""
+    for key, why in VLLM_SINGLE_ENGINE_ARGS.items():
+        value = model_args.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"model_args.{key}: give a whole number, not {value!r}"
+        if value != 1:
+            return f"model_args.{key}: {value} is not supported with backend: vllm; {why}"
+    extension = model_args.get("worker_extension_cls", VLLM_WORKER_EXTENSION)
+    if extension != VLLM_WORKER_EXTENSION:
+        return f"model_args.worker_extension_cls: the vLLM backend installs its own ({VLLM_WORKER_EXTENSION}); remove {extension!r}"
+    return None
 
 
 class LmEvalConfig(LimitedConfig):
@@ -113,6 +131,9 @@ class LmEvalConfig(LimitedConfig):
     model_args: dict[str, Any] = Field(default_factory=dict, description="passed to lm-eval's model class as is")
     weight_renames: list[tuple[str, str]] = Field(
         default_factory=list, description="vLLM only: regex → replacement on checkpoint names before vLLM's load_weights"
+    )
+    push_bucket_mib: int = Field(
+        default=1024, ge=1, description="vLLM only: the weight push's staging bucket (MiB; a larger tensor gets its own)"
     )
 
     @field_validator("tasks", mode="before")
@@ -145,20 +166,10 @@ class LmEvalConfig(LimitedConfig):
         return self
 
     @model_validator(mode="after")
-    def _one_vllm_rank(self) -> LmEvalConfig:
-        if self.backend != "vllm":
-            return self
-        if _parallel_size(self.model_args, "data_parallel_size") > 1:
-            # lm-eval's VLLM then starts fresh engines from `pretrained` per call: merges would never be scored.
-            raise ValueError(
-                "model_args.data_parallel_size > 1 would score the unmerged checkpoint (lm-eval starts fresh "
-                "engines per call); use more workers instead (`ray.workers`, one GPU each)"
-            )
-        if _parallel_size(self.model_args, "tensor_parallel_size") > 1:
-            raise ValueError(
-                "model_args.tensor_parallel_size > 1 is not supported yet: the vLLM weight push is single-rank; "
-                "use tensor_parallel_size: 1"
-            )
+    def _one_vllm_engine(self) -> LmEvalConfig:
+        problem = vllm_engine_args_problem(self.model_args) if self.backend == "vllm" else None
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

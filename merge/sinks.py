@@ -14,7 +14,17 @@ from torch import Tensor
 
 
 class Sink(Protocol):
-    """Receives each merged tensor once, by its name in the checkpoint; `close` ends the merge."""
+    """Receives each merged tensor once, by its name in the checkpoint; `close` ends the merge.
+
+    The contract, which every merge loop and sink keeps:
+    - A tensor handed to `write` is valid only during the call. The merge may hand over a
+      view of a scratch buffer it reuses for the next tensor, or a resident input it owns.
+      A sink that keeps data past `write` copies it (into its model, file or push bucket,
+      in its own dtype) before returning; it never keeps a reference, and never writes
+      into the tensor it was given.
+    - `write` may be called for the tensors in any order; `close` is called once, after the
+      last `write` of a successful merge (a failed merge may end without it).
+    """
 
     def write(self, name: str, tensor: Tensor) -> None: ...
 

@@ -20,3 +20,13 @@ def ray_session():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine_core():
+    """The fake vLLM engine-core process (tests/fake_vllm.py), shared by the session: it imports vLLM's serializer once."""
+    from fake_vllm import EngineCore
+
+    core = EngineCore()
+    yield core
+    core.close()

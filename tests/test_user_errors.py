@@ -92,11 +92,11 @@ def _with(**changes: object) -> dict:
         # vLLM data/tensor parallelism (issue 12): refused with the alternative
         (
             _with(evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["t"], "model_args": {"data_parallel_size": 2}}),
-            "evaluator: model_args.data_parallel_size > 1 would score the unmerged checkpoint",
+            "evaluator: model_args.data_parallel_size: 2 is not supported with backend: vllm; each data-parallel replica",
         ),
         (
             _with(evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["t"], "model_args": {"tensor_parallel_size": 2}}),
-            "evaluator: model_args.tensor_parallel_size > 1 is not supported yet: the vLLM weight push is single-rank",
+            "evaluator: model_args.tensor_parallel_size: 2 is not supported with backend: vllm; the weight push serves one worker",
         ),
         # seeds numpy cannot take
         (_with(seed=2**70), "seed: Input should be less than or equal to 4294967295"),
