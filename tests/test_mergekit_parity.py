@@ -97,7 +97,7 @@ CASES = {
     "task_arithmetic_normalized": ("task_arithmetic", EXPERTS, {"normalize": True}, WEIGHTS),
     "ties": ("ties", EXPERTS, {"density": 0.5, "lambda": 0.9}, WEIGHTS),
     "ties_per_model_density": ("ties", EXPERTS, {"density": PER_MODEL_DENSITY}, WEIGHTS),
-    "ties_unnormalized_l1": ("ties", EXPERTS, {"density": 0.3, "normalize": False, "rescale": True, "rescale_mode": "l1"}, WEIGHTS),
+    "ties_unnormalized_l1": ("ties", EXPERTS, {"density": 0.3, "normalize": False, "rescale": True}, WEIGHTS),
     "breadcrumbs": ("breadcrumbs", EXPERTS, {"density": 0.8, "gamma": 0.05}, WEIGHTS),
     "breadcrumbs_dense_band": ("breadcrumbs", EXPERTS, {"density": 0.9, "gamma": 0.2, "lambda": 1.3}, WEIGHTS),
     "breadcrumbs_ties": ("breadcrumbs_ties", EXPERTS, {"density": 0.7, "gamma": 0.1}, WEIGHTS),
@@ -117,7 +117,7 @@ def test_matches_mergekit(state_dicts, case):
     torch.set_num_threads(1)
     method, experts, params, weights = CASES[case]
     our_params = {k: ([v[e] for e in experts] if isinstance(v, dict) else v) for k, v in params.items()}
-    their_params = {k: v for k, v in params.items() if k != "rescale_mode"}
+    their_params = dict(params)
     use_base = get_method(method).needs_base
     assert_parity(
         ours(state_dicts, method, experts, our_params, weights),

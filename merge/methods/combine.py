@@ -12,13 +12,7 @@ import torch
 from torch import Tensor
 
 from mergetune.merge.methods.registry import TensorInputs
-from mergetune.merge.sparsify import (
-    RESCALE_MODES,
-    SCOPES,
-    RescaleMode,
-    Scope,
-    check_choice,
-)
+from mergetune.merge.sparsify import SCOPES, Scope, TensorCut, check_choice
 
 
 def combine(
@@ -51,15 +45,9 @@ def combine(
     return mixed.add_(base)
 
 
-def rescaler(method: str, rescale: bool, mode: str) -> RescaleMode | None:
-    """The `apply_mask` mode for a method's (rescale, rescale_mode) params."""
-    check_choice(method, "rescale_mode", mode, RESCALE_MODES)
-    return mode if rescale else None  # type: ignore[return-value]
-
-
-def global_thresholds(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[float | None]:
-    """Per expert: the global threshold for keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
+def global_cuts(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[TensorCut | None]:
+    """Per expert: its global cut keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
     check_choice(method, "scope", scope, SCOPES)
     if scope == "tensor":
         return [None] * len(densities)
-    return [x.threshold(kind, k, rho) if 0 < rho < 1 else None for k, rho in enumerate(densities)]
+    return [x.cut(kind, k, rho) if rho < 1 else None for k, rho in enumerate(densities)]

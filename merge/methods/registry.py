@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.sparsify import GlobalCut, TensorCut
 
 PerModel = Union[float, Sequence[float]]
 """Annotation for a parameter that may differ per expert (a scalar applies to all)."""
@@ -35,10 +36,10 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return gen
 
 
-GlobalThreshold = Callable[[str, int, float], float]
-"""(kind, expert index, keep fraction) → the expert's global threshold; kind is
-"magnitude" (|τ|) or "saliency" (v·τ²). Supplied by the engine, which computes it once
-per (expert, density) over all tensors of the expert."""
+GlobalCuts = Callable[[str, int, float], GlobalCut]
+"""(kind, expert index, keep fraction) → the expert's global cut (exactly ⌊ρ·N⌋ entries over all
+its tensors; see `sparsify.GlobalCut`); kind is "magnitude" (|τ|) or "saliency" (v·τ²).
+Supplied by the engine, which computes it once per (expert, density) over the whole expert."""
 
 
 @dataclass
@@ -58,7 +59,7 @@ class TensorInputs:
     fisher: list[Tensor] | None = None  # diagonal Fisher per expert
     gram: list[Tensor] | None = None  # per expert X^T X of this linear layer's inputs (in × in)
     generator: torch.Generator = field(default_factory=lambda: tensor_generator(0, ""))
-    global_threshold: GlobalThreshold | None = None
+    global_cut: GlobalCuts | None = None
     seed: int | None = None  # the merge's seed, for draws shared by all its tensors (M³'s weights)
 
     def __post_init__(self) -> None:
@@ -88,10 +89,12 @@ class TensorInputs:
             raise ValueError(f"{self.name}: this method needs a base model")
         return [m - self.base for m in self.models_given]
 
-    def threshold(self, kind: str, model: int, density: float) -> float:
-        if self.global_threshold is None:
-            raise ValueError(f"{self.name}: global scope needs thresholds from the merge engine")
-        return self.global_threshold(kind, model, density)
+    def cut(self, kind: str, model: int, density: float) -> TensorCut:
+        """The keep-mask function of this tensor's scores under expert `model`'s global cut."""
+        if self.global_cut is None:
+            raise ValueError(f"{self.name}: global scope needs the expert's global cut from the merge engine")
+        cut = self.global_cut(kind, model, density)
+        return lambda scores: cut.mask(self.name, scores)
 
 
 @dataclass(frozen=True)
