@@ -121,15 +121,17 @@ def merge_recipe_to_dir(
     force: bool = False,
     progress: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    strict: bool = False,
 ) -> dict[str, float]:
     """Merge `recipe` disk to disk into an HF model directory `out_dir` (atomic); returns timings.
 
     Validation (models, statistics, methods' needs, the output directory) happens before any
-    tensor is read; on failure nothing is left in `out_dir`.
+    tensor is read; on failure nothing is left in `out_dir`. `strict` refuses experts with
+    tensors the base lacks (by default they are dropped with a warning, as mergekit does).
     """
     seed = recipe.seed if seed is None else seed
     check_device(device)
-    modelset = ModelSet.from_recipe(recipe)
+    modelset = ModelSet.from_recipe(recipe, strict=strict)
     modelset.plan(recipe)
     layout = output_layout(modelset, recipe.dtype)
     started = time.perf_counter()

@@ -387,8 +387,8 @@ class ModelSet:
         """Open and cross-check the models and statistics; raises a one-line ModelSetError on the first problem.
 
         As mergekit: float tensors may differ in dtype (all merge in float32; the output dtype is the
-        engine's choice); tensors only an expert has are dropped with a warning naming them, or
-        refused with `strict`; a tied model (head stored as its input embeddings) merges with untied
+        engine's choice); tensors outside the layers that only an expert has are dropped with a
+        warning naming them, or refused with `strict` (extra layers are another architecture); a tied model (head stored as its input embeddings) merges with untied
         ones by reading its head from its embeddings.
         """
         if not experts:
@@ -402,6 +402,12 @@ class ModelSet:
         _align_tied(labelled)
         for label, ckpt in others:
             extra = _compare(ref_label, ref, label, ckpt)
+            layered = next((name for name in extra if layer_index(name) is not None), None)
+            if layered is not None:  # more layers: another architecture (mergekit refuses too)
+                raise ModelSetError(
+                    f"tensor {layered!r} is in {label} but not in {ref_label}; {ref_label} ({ref.path}) and "
+                    f"{label} ({ckpt.path}) differ in architecture"
+                )
             if extra and strict:
                 raise ModelSetError(
                     f"tensor {extra[0]!r} is in {label} but not in {ref_label}; {ref_label} ({ref.path}) and "
@@ -419,7 +425,7 @@ class ModelSet:
         return cls(base_ckpt, expert_ckpts, stats)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> ModelSet:
+    def from_recipe(cls, recipe: Recipe, strict: bool = False) -> ModelSet:
         """The recipe's models and statistics; an expert directory's adam_second_moments.safetensors is found by itself."""
         experts = {name: recipe.models[name] for name in recipe.experts}
         moments = dict(recipe.moments)
@@ -428,7 +434,7 @@ class ModelSet:
             if name not in moments and found.is_file():
                 moments[name] = found
         base = recipe.models[recipe.base] if recipe.base is not None else None
-        return cls.from_dirs(base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram)
+        return cls.from_dirs(base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram, strict=strict)
 
     def plan(self, recipe: Recipe) -> list[tuple[str, RulePlan | None]]:
         """Every tensor with the rule that merges it (None: keep the base's), after checking the recipe fits.

@@ -30,6 +30,11 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "gamma": (0.0, 0.1),
     "epsilon": (0.0, 0.2),
     "power": (0.25, 2.0),
+    "select_topk": (0.1, 1.0),
+    # method-qualified ranges win over the plain ones (nearswap's t is in weight units, not [0, 1])
+    "nearswap.t": (0.0, 0.01),
+    "ramplus_tl.r": (0.0, 0.5),
+    "ramplus_tl.alpha": (0.0, 1.0),
 }
 
 
@@ -65,7 +70,8 @@ class SearchConfig(_Strict):
         default=None, description="merge methods a group may choose (default: the classics, plus ota with moments)"
     )
     ranges: dict[str, tuple[float, float]] = Field(
-        default_factory=dict, description="param name → [low, high]; a method param is searched iff it has a range"
+        default_factory=dict,
+        description="param name (or method.param, which wins) → [low, high]; a method param is searched iff it has a range",
     )
     per_expert: list[str] = Field(
         default_factory=lambda: ["density"], description="per-model params searched with one value per expert"
@@ -80,8 +86,14 @@ class SearchConfig(_Strict):
                 raise ValueError(f"{name}: range must be [low, high] with low <= high")
         return value
 
-    def range_of(self, param: str) -> tuple[float, float] | None:
-        return self.ranges.get(param, DEFAULT_RANGES.get(param))
+    def range_of(self, param: str, method: str | None = None) -> tuple[float, float] | None:
+        """The search range of `param` (of `method`): `method.param` (given, then default), then `param`."""
+        keys = [f"{method}.{param}", param] if method else [param]
+        for key in keys:
+            for table in (self.ranges, DEFAULT_RANGES):
+                if key in table:
+                    return table[key]
+        return None
 
 
 class ObjectiveConfig(_Strict):

@@ -40,9 +40,14 @@ SEARCHED_PARAMS: dict[str, tuple[str, ...]] = {
     "breadcrumbs_ties": ("density", "gamma", "lambda"),
     "slerp": ("t",),
     "ota": ("density", "power"),
+    "sce": ("select_topk",),
+    "ramplus_tl": ("r", "alpha"),
+    "nearswap": ("t",),
 }
 # Methods whose result does not depend on per-expert weights: no weight params for them.
-UNWEIGHTED_METHODS = frozenset({"slerp", "model_stock", "passthrough", "m3"})
+UNWEIGHTED_METHODS = frozenset(
+    {"slerp", "model_stock", "passthrough", "m3", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"}
+)
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
 WEIGHT_PARAM = re.compile(r"^(?P<group>[^.]+)\.weight\.(?P<expert>.+)$")
 
@@ -142,8 +147,8 @@ class SearchSpace:
     def _prefix(self, group: str, param: str) -> str:
         return "shared" if param in self.search.shared else group
 
-    def _range(self, param: str) -> tuple[float, float]:
-        found = self.search.range_of(param)
+    def _range(self, param: str, method: str | None = None) -> tuple[float, float]:
+        found = self.search.range_of(param, method)
         if found is None:
             raise ConfigError(f"search.ranges: no range for {param!r}; add `{param}: [low, high]`")
         return found
@@ -160,7 +165,7 @@ class SearchSpace:
         spec = get_method(method)
         params: dict[str, float | dict[str, float]] = {}
         for param in self.searched_params(method):
-            low, high = self._range(param)
+            low, high = self._range(param, method)
             name = f"{self._prefix(group.name, param)}.{method}.{param}"
             if spec.params[param].per_model and param in self.search.per_expert:
                 params[param] = {e: trial.suggest_float(f"{name}.{e}", low, high) for e in self.experts}
@@ -189,7 +194,7 @@ class SearchSpace:
         for group in self.groups:
             params[f"{group.name}.method"] = method
             for param in self.searched_params(method):
-                low, high = self._range(param)
+                low, high = self._range(param, method)
                 value = float(overrides.get(param, spec.params[param].default))
                 value = min(max(value, low), high)
                 name = f"{self._prefix(group.name, param)}.{method}.{param}"

@@ -236,14 +236,26 @@ def test_mixed_input_dtypes_merge_in_float32_and_write_the_widest(models, tmp_pa
     assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
 
 
+def _with_extra_tensor(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    state["model.rotary_emb.inv_freq"] = torch.ones(4)  # e.g. a buffer an older transformers saved
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
 def test_extra_expert_tensors_are_dropped_with_a_warning_or_refused_when_strict(models, tmp_path, caplog):
-    deeper = _variant(models, tmp_path, num_hidden_layers=3)  # layer 2 only in the expert
+    extra = _with_extra_tensor(models["math"], tmp_path / "extra")
     with caplog.at_level("WARNING"):
-        modelset = ModelSet.from_dirs(Path(models["base"]), {"math": Path(deeper), "code": Path(models["code"])})
-    assert "model.layers.2." in caplog.text and "dropped" in caplog.text
-    assert modelset.tensor_names == list(ModelSet.from_dirs(Path(models["base"]), {"code": Path(models["code"])}).tensor_names)
-    with pytest.raises(ModelSetError, match=r"tensor 'model\.layers\.2\.[\w.]+' is in expert 'math' but not in base.*--strict"):
-        ModelSet.from_dirs(Path(models["base"]), {"math": Path(deeper)}, strict=True)
+        modelset = ModelSet.from_dirs(Path(models["base"]), {"math": Path(extra), "code": Path(models["code"])})
+    assert "model.rotary_emb.inv_freq" in caplog.text and "dropped" in caplog.text
+    assert modelset.tensor_names == ModelSet.from_dirs(Path(models["base"]), {"code": Path(models["code"])}).tensor_names
+    with pytest.raises(ModelSetError, match=r"tensor 'model\.rotary_emb\.inv_freq' is in expert 'math' but not in base.*--strict"):
+        ModelSet.from_dirs(Path(models["base"]), {"math": Path(extra)}, strict=True)
+    # More layers than the base is another architecture, as in mergekit.
+    deeper = _variant(models, tmp_path, num_hidden_layers=3)
+    with pytest.raises(ModelSetError, match=r"tensor 'model\.layers\.2\.[\w.]+' is in expert 'math' but not in base"):
+        ModelSet.from_dirs(Path(models["base"]), {"math": Path(deeper)})
 
 
 def test_tied_base_with_an_untied_expert_merges_the_head_as_mergekit(models, tmp_path):
