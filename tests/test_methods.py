@@ -129,7 +129,7 @@ def test_bad_choices_are_config_errors():
     x = inputs(torch.zeros(5), deltas=[TAU1])
     with pytest.raises(ConfigError, match="scope must be one of tensor, global"):
         merge("ties", x, density=0.5, scope="layer")
-    with pytest.raises(ConfigError, match="rescale must be true"):
+    with pytest.raises(ConfigError, match="rescale must be one of true, false, inverse_keep"):
         merge("dare_ties", x, density=0.5, rescale="l2")
     with pytest.raises(ConfigError, match="no parameter 'densty'"):
         merge("ties", x, densty=0.5)
