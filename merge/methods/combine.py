@@ -24,16 +24,18 @@ def combine(
     scale, add the base), so both round alike and bf16 outputs agree to the last bit almost always.
     """
     w = torch.tensor(weights, dtype=torch.float32)
-    mixed = deltas[0] * w[0]
-    weighted = [mixed]
-    for d, wk in zip(deltas[1:], w[1:]):
-        weighted.append(d * wk)
-        mixed = mixed + weighted[-1]
     if not consensus:
+        mixed = deltas[0] * w[0]
+        for d, wk in zip(deltas[1:], w[1:]):
+            mixed.add_(d * wk)
         divisor = w.sum()
         if normalize and divisor.abs() >= 1e-8:  # a zero sum counts as 1: weights summing to 0 never give NaN
-            mixed = mixed / divisor
+            mixed.div_(divisor)
     else:
+        weighted = [d * wk for d, wk in zip(deltas, w)]
+        mixed = weighted[0].clone()
+        for d in weighted[1:]:
+            mixed.add_(d)
         positive = mixed >= 0  # the elected sign; 0 elects +
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
@@ -44,8 +46,8 @@ def combine(
         if normalize:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
 
 
 def global_cuts(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[TensorCut | None]:
