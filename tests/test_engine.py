@@ -101,7 +101,7 @@ def test_resident_merge_into_live_model_equals_disk_merge(models, tmp_path):
         models,
         [
             {"layers": [1, 2], "method": "_test_global_mask", "params": {"keep": 0.3}, "models": ["code"]},
-            {"match": "*.mlp.*", "method": "task_arithmetic", "params": {"lambda": 0.7, "normalize": True}, "weights": {"math": 0.5, "code": 2.0}},
+            {"match": "*.mlp.*", "method": "task_arithmetic", "params": {"lambda": [0.7, 1.3], "normalize": True}, "weights": {"math": [0.5, 1.0], "code": 2.0}},
             {"match": "*.self_attn.*", "method": "task_arithmetic", "weights": {"math": 0.5, "code": -0.5}},
             {"match": "*", "method": "linear", "weights": {"math": 0.25, "code": 0.75}},
         ],
