@@ -388,8 +388,9 @@ class ModelSet:
 
         As mergekit: float tensors may differ in dtype (all merge in float32; the output dtype is the
         engine's choice); tensors outside the layers that only an expert has are dropped with a
-        warning naming them, or refused with `strict` (extra layers are another architecture); a tied model (head stored as its input embeddings) merges with untied
-        ones by reading its head from its embeddings.
+        warning naming them, or refused with `strict` (extra layers are another architecture); a
+        tied model (head stored as its input embeddings) merges with untied ones by reading its
+        head from its embeddings.
         """
         if not experts:
             raise ModelSetError("no experts given; a merge needs at least one fine-tuned model")
@@ -414,7 +415,8 @@ class ModelSet:
                     f"{label} ({ckpt.path}) differ in architecture (without --strict such tensors are dropped)"
                 )
             if extra:
-                shown = ", ".join(extra[:EXTRA_NAMES_SHOWN]) + (f" and {len(extra) - EXTRA_NAMES_SHOWN} more" if len(extra) > EXTRA_NAMES_SHOWN else "")
+                more = len(extra) - EXTRA_NAMES_SHOWN
+                shown = ", ".join(extra[:EXTRA_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
                 log.warning("%s has %d tensor(s) %s lacks, dropped from the merge (as mergekit does): %s", label, len(extra), ref_label, shown)
         stats: dict[str, dict[str, StatsFile]] = {kind: {} for kind in STAT_KINDS}
         for kind, mapping in (("moments", moments), ("fisher", fisher), ("gram", gram)):
@@ -449,11 +451,12 @@ class ModelSet:
         available = {kind: set(files) for kind, files in self.stats.items()}
         plans = [_rule_plan(i, rule.at(0.0), recipe, available) for i, rule in enumerate(recipe.rules)]
         at_position: dict[tuple[int, float], RulePlan] = {}  # gradient rules: one plan per layer position
+        num_layers = self.num_layers
         schedule = []
         for name, info in self.reference.infos.items():
             plan = next((p for p in plans if p.rule.matches(name)), None)
             if plan is not None and recipe.rules[plan.index].has_gradients:
-                x = layer_position(name, self.num_layers)
+                x = layer_position(name, num_layers)
                 if (plan.index, x) not in at_position:
                     at_position[plan.index, x] = _rule_plan(plan.index, recipe.rules[plan.index].at(x), recipe, available)
                 plan = at_position[plan.index, x]
