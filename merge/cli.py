@@ -14,24 +14,45 @@ def register(app: typer.Typer) -> None:
 
     @app.command("merge")
     def merge(
-        recipe: Path = typer.Argument(..., help="Recipe YAML (or JSON): models, base, rules."),
+        recipe: Path = typer.Argument(..., help="Recipe YAML (or JSON): models, base, rules; or a mergekit-yaml config."),
         out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of random methods (default: the recipe's)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
         shard_gb: float = typer.Option(5.0, "--shard-gb", help="Largest safetensors shard, in GiB."),
+        strict: bool = typer.Option(False, "--strict", help="Refuse experts with tensors the base lacks (default: drop them with a warning)."),
     ) -> None:
-        """Merge a recipe into a Hugging Face model directory (our `mergekit-yaml`)."""
+        """Merge a recipe (or a mergekit-yaml config) into a Hugging Face model directory (our `mergekit-yaml`)."""
         from mergetune.core.fs import check_output_dir
         from mergetune.merge.engine import merge_recipe_to_dir
-        from mergetune.merge.recipe import Recipe
+        from mergetune.merge.mergekit_config import load_recipe
 
         check_output_dir(out, force)
-        parsed = Recipe.from_yaml(recipe)
+        parsed = load_recipe(recipe)
         timings = merge_recipe_to_dir(
-            parsed, out, seed=seed, device=device, force=force, progress=True, max_shard_bytes=int(shard_gb * 1024**3)
-        )
+            parsed, out, seed=seed, device=device, force=force, progress=True,
+            max_shard_bytes=int(shard_gb * 1024**3), strict=strict,
+        )  # fmt: skip
         console.print(f"merged into {out} in {timings['total_s']:.1f}s", markup=False)
+
+    @app.command("import")
+    def import_mergekit(
+        config: Path = typer.Argument(..., help="A mergekit-yaml config."),
+        out: Path = typer.Option(..., "--out", "-o", help="Recipe YAML to write."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    ) -> None:
+        """Translate a mergekit-yaml config into a mergetune recipe (`mergetune merge` also runs one directly)."""
+        from mergetune.core.errors import ConfigError, OutputExistsError
+        from mergetune.core.config import load_yaml
+        from mergetune.merge.mergekit_config import is_mergekit_config, load_recipe
+
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} exists; pass --force to replace it")
+        recipe = load_recipe(config)  # one line for a missing file, bad YAML or a multi-document config
+        if not is_mergekit_config(load_yaml(config)):
+            raise ConfigError(f"{config}: not a mergekit config (it has no merge_method:)")
+        out.write_text(recipe.to_yaml())
+        console.print(f"wrote {out} ({len(recipe.rules)} rule(s), {len(recipe.experts)} expert(s))", markup=False)
 
     stats_app = typer.Typer(help="Calibration statistics for Fisher averaging and RegMean.", no_args_is_help=True)
     app.add_typer(stats_app, name="stats")

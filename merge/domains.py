@@ -58,12 +58,20 @@ PARAM_DOMAINS: dict[str, Domain] = {
 METHOD_DOMAINS: dict[tuple[str, str], Domain] = {
     ("della", "epsilon"): FRACTION,
     ("della_linear", "epsilon"): FRACTION,
+    ("sce", "select_topk"): Domain(0.0, 1.0, low_open=True),  # the fraction of positions kept
+    ("nearswap", "t"): Domain(0.0),  # a distance threshold in weight units, not a fraction
+    ("ramplus_tl", "r"): FRACTION,
+    ("ramplus_tl", "alpha"): FRACTION,
+    ("karcher", "tol"): Domain(0.0, low_open=True),
+    ("multislerp", "eps"): Domain(0.0, low_open=True),
 }
 # Weights scale each expert's curvature / Fisher in these methods, so they cannot be negative.
 WEIGHT_DOMAINS: dict[str, Domain] = {"ota": Domain(0.0), "fisher": Domain(0.0)}
 
 # Methods whose result does not depend on per-expert weights.
-UNWEIGHTED_METHODS = frozenset({"slerp", "model_stock", "passthrough", "m3"})
+UNWEIGHTED_METHODS = frozenset(
+    {"slerp", "model_stock", "passthrough", "m3", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"}
+)
 # What all-zero weights would do (the rest, task-vector methods, would return the base).
 _ZERO_WEIGHT_EFFECTS = {"linear": "write an all-zero model", "regmean": "write an all-zero model", "fisher": "divide 0 by 0"}
 

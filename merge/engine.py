@@ -34,12 +34,22 @@ def check_device(device: str) -> None:
 
 
 def output_layout(modelset: ModelSet, dtype: str | None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Name → (dtype, shape) of the merged model: the reference model's, floats cast to `dtype` if given."""
+    """Name → (dtype, shape) of the merged model: float tensors in `dtype` if given, else (mergekit's
+    rule) in the widest float dtype among the inputs of that tensor (a bf16 base with fp32 experts
+    gives fp32); other tensors in the reference model's dtype. The merge itself is float32."""
     target = getattr(torch, dtype) if dtype is not None else None
-    return {
-        name: (target if target is not None and info.dtype.is_floating_point else info.dtype, info.shape)
-        for name, info in modelset.reference.infos.items()
-    }
+    models = [ckpt for ckpt in (modelset.base, *modelset.experts.values()) if ckpt is not None]
+    layout = {}
+    for name, info in modelset.reference.infos.items():
+        out = info.dtype
+        if info.dtype.is_floating_point:
+            out = target
+            if out is None:
+                out = info.dtype
+                for ckpt in models:
+                    out = torch.promote_types(out, ckpt.infos[name].dtype)
+        layout[name] = (out, info.shape)
+    return layout
 
 
 def merge_modelset(
@@ -111,15 +121,17 @@ def merge_recipe_to_dir(
     force: bool = False,
     progress: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    strict: bool = False,
 ) -> dict[str, float]:
     """Merge `recipe` disk to disk into an HF model directory `out_dir` (atomic); returns timings.
 
     Validation (models, statistics, methods' needs, the output directory) happens before any
-    tensor is read; on failure nothing is left in `out_dir`.
+    tensor is read; on failure nothing is left in `out_dir`. `strict` refuses experts with
+    tensors the base lacks (by default they are dropped with a warning, as mergekit does).
     """
     seed = recipe.seed if seed is None else seed
     check_device(device)
-    modelset = ModelSet.from_recipe(recipe)
+    modelset = ModelSet.from_recipe(recipe, strict=strict)
     modelset.plan(recipe)
     layout = output_layout(modelset, recipe.dtype)
     started = time.perf_counter()

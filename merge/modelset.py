@@ -26,8 +26,9 @@ from torch import Tensor
 from mergetune.core.errors import ModelSetError, NonFiniteMergeError
 from mergetune.merge import moments as rank1
 from mergetune.merge.methods import MethodSpec, TensorInputs, get_method, tensor_generator
-from mergetune.merge.recipe import Recipe, Rule
+from mergetune.merge.recipe import Recipe, Rule, layer_index, layer_position
 from mergetune.merge.sinks import Sink
+from mergetune.merge.sparsify import KEEP_ALL, KEEP_NONE, GlobalCut, global_cut
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ STAT_FIXES = {
     "and add `gram: {{{expert}: G.safetensors}}`",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+DEFAULT_TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}  # when the model class is unknown
+EXTRA_NAMES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,26 @@ class Checkpoint:
                 raise ModelSetError(f"{index} lists {missing!r} in {weight_map[missing]}, which lacks it; re-save the model")
         return cls(path, files, {name: info for _, _, name, info in sorted(ordered, key=lambda t: t[:2])})
 
+    def tied_weights(self) -> dict[str, str]:
+        """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings), from the
+        model class transformers names in config.json (`_tied_weights_keys`)."""
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return dict(DEFAULT_TIED_WEIGHTS)
+        import transformers
+
+        for architecture in config.get("architectures") or []:
+            keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None)
+            if isinstance(keys, dict):
+                return dict(keys)
+        return dict(DEFAULT_TIED_WEIGHTS)
+
+    def alias(self, name: str, source: str) -> None:
+        """Read tensor `name` from `source` (a tied checkpoint stores its head as its embeddings)."""
+        self.files[name] = self.files[source]
+        self.infos[name] = self.infos[source]
+
 
 @dataclass
 class StatsFile:
@@ -233,53 +256,57 @@ class RulePlan:
 
 
 class GlobalThresholds:
-    """Per-expert thresholds for global top-k sparsification, over all of the expert's tensors, cached.
+    """Per-expert global top-k cuts over all of the expert's tensors (`sparsify.GlobalCut`), cached.
 
-    The threshold for keep fraction ρ is the k-th largest score (k = ⌊ρN⌋): exact `kthvalue`
-    when the scores fit in `exact_limit` elements, else a histogram of log-scores and an exact
-    pass over the bracketing bin. Kinds: "magnitude" (|τ|), "saliency" (v·τ²).
+    The cut for keep fraction ρ keeps exactly k = ⌊ρN⌋ entries: its threshold is the k-th largest
+    score — exact `kthvalue` when the scores fit in `exact_limit` elements, else a histogram of
+    log-scores and an exact pass over the bracketing bin — and one more pass counts the entries
+    equal to it per tensor, which are kept in tensor order. Kinds: "magnitude" (|τ|), "saliency" (v·τ²).
     """
 
     BINS = 4096
 
-    def __init__(self, scores: Callable[[str, str], Iterable[Tensor]], exact_limit: int = 1 << 26) -> None:
+    def __init__(self, scores: Callable[[str, str], Iterable[tuple[str, Tensor]]], exact_limit: int = 1 << 26) -> None:
         self._scores = scores
         self._exact_limit = exact_limit
-        self._cache: dict[tuple[str, str, float], float] = {}
+        self._cache: dict[tuple[str, str, float], GlobalCut] = {}
 
-    def __call__(self, kind: str, expert: str, keep: float) -> float:
+    def __call__(self, kind: str, expert: str, keep: float) -> GlobalCut:
         key = (kind, expert, float(keep))
         if key not in self._cache:
             started = time.perf_counter()
             self._cache[key] = self._compute(kind, expert, float(keep))
-            log.debug("global %s threshold of %s at %.3f: %.3g (%.2fs)", kind, expert, keep, self._cache[key], time.perf_counter() - started)
+            log.debug("global %s cut of %s at %.3f: %.3g (%.2fs)", kind, expert, keep, self._cache[key].threshold, time.perf_counter() - started)
         return self._cache[key]
 
-    def _compute(self, kind: str, expert: str, keep: float) -> float:
+    def _compute(self, kind: str, expert: str, keep: float) -> GlobalCut:
         # One pass counts the scores, keeps them if they fit, and brackets the positive ones.
-        chunks: list[Tensor] | None = []
+        chunks: list[tuple[str, Tensor]] | None = []
         total, positives, lo, hi = 0, 0, math.inf, -math.inf
-        for s in self._scores(kind, expert):
+        for name, s in self._scores(kind, expert):
             flat = s.reshape(-1)
             total += flat.numel()
             if total > self._exact_limit:
                 chunks = None  # too many to hold: histogram instead
             if chunks is not None:
-                chunks.append(flat)
+                chunks.append((name, flat))
             pos = flat[flat > 0]
             if pos.numel():
                 positives += pos.numel()
                 lo, hi = min(lo, float(pos.min())), max(hi, float(pos.max()))
         k = int(keep * total)
         if k <= 0:
-            return math.inf
+            return KEEP_NONE
         if k >= total:
-            return -math.inf
+            return KEEP_ALL
         if chunks is not None:
-            return float(torch.cat(chunks).kthvalue(total - k + 1).values)
+            threshold = float(torch.cat([flat for _, flat in chunks]).kthvalue(total - k + 1).values)
+            return global_cut(k, threshold, chunks)
         if k > positives:
-            return 0.0  # every positive score is kept, and ties at 0 are kept with them
-        return self._histogram_kth_largest(kind, expert, k, lo, hi)
+            threshold = 0.0  # every positive score is kept, and the first zeros with them
+        else:
+            threshold = self._histogram_kth_largest(kind, expert, k, lo, hi)
+        return global_cut(k, threshold, self._scores(kind, expert))
 
     def _histogram_kth_largest(self, kind: str, expert: str, k: int, lo: float, hi: float) -> float:
         log_lo, width = math.log(lo), max(math.log(hi) - math.log(lo), 1e-30) / self.BINS
@@ -288,14 +315,14 @@ class GlobalThresholds:
             return ((pos.log() - log_lo) / width).long().clamp_(0, self.BINS - 1)
 
         counts = torch.zeros(self.BINS, dtype=torch.long)
-        for s in self._scores(kind, expert):
+        for _, s in self._scores(kind, expert):
             pos = s[s > 0]
             counts += torch.bincount(bins(pos), minlength=self.BINS)
         from_top = counts.flip(0).cumsum(0)
         target = int(self.BINS - 1 - int((from_top >= k).nonzero()[0]))
         above = int(counts[target + 1 :].sum())
         in_bin = []
-        for s in self._scores(kind, expert):
+        for _, s in self._scores(kind, expert):
             pos = s[s > 0]
             in_bin.append(pos[bins(pos) == target])
         bracket = torch.cat(in_bin)
@@ -342,6 +369,11 @@ class ModelSet:
     def tensor_names(self) -> list[str]:
         return list(self.reference.infos)
 
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers of the reference model (from its tensor names), the span of recipe gradients."""
+        return 1 + max((i for i in map(layer_index, self.reference.infos) if i is not None), default=-1)
+
     @classmethod
     def from_dirs(
         cls,
@@ -350,8 +382,16 @@ class ModelSet:
         moments: dict[str, Path | str] | None = None,
         fisher: dict[str, Path | str] | None = None,
         gram: dict[str, Path | str] | None = None,
+        strict: bool = False,
     ) -> ModelSet:
-        """Open and cross-check the models and statistics; raises a one-line ModelSetError on the first problem."""
+        """Open and cross-check the models and statistics; raises a one-line ModelSetError on the first problem.
+
+        As mergekit: float tensors may differ in dtype (all merge in float32; the output dtype is the
+        engine's choice); tensors outside the layers that only an expert has are dropped with a
+        warning naming them, or refused with `strict` (extra layers are another architecture); a
+        tied model (head stored as its input embeddings) merges with untied ones by reading its
+        head from its embeddings.
+        """
         if not experts:
             raise ModelSetError("no experts given; a merge needs at least one fine-tuned model")
         base_ckpt = Checkpoint.open(base) if base is not None else None
@@ -360,8 +400,24 @@ class ModelSet:
             (f"expert '{name}'", ckpt) for name, ckpt in expert_ckpts.items()
         ]
         (ref_label, ref), others = labelled[0], labelled[1:]
+        _align_tied(labelled)
         for label, ckpt in others:
-            _compare(ref_label, ref, label, ckpt)
+            extra = _compare(ref_label, ref, label, ckpt)
+            layered = next((name for name in extra if layer_index(name) is not None), None)
+            if layered is not None:  # more layers: another architecture (mergekit refuses too)
+                raise ModelSetError(
+                    f"tensor {layered!r} is in {label} but not in {ref_label}; {ref_label} ({ref.path}) and "
+                    f"{label} ({ckpt.path}) differ in architecture"
+                )
+            if extra and strict:
+                raise ModelSetError(
+                    f"tensor {extra[0]!r} is in {label} but not in {ref_label}; {ref_label} ({ref.path}) and "
+                    f"{label} ({ckpt.path}) differ in architecture (without --strict such tensors are dropped)"
+                )
+            if extra:
+                more = len(extra) - EXTRA_NAMES_SHOWN
+                shown = ", ".join(extra[:EXTRA_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+                log.warning("%s has %d tensor(s) %s lacks, dropped from the merge (as mergekit does): %s", label, len(extra), ref_label, shown)
         stats: dict[str, dict[str, StatsFile]] = {kind: {} for kind in STAT_KINDS}
         for kind, mapping in (("moments", moments), ("fisher", fisher), ("gram", gram)):
             for expert, path in (mapping or {}).items():
@@ -371,7 +427,7 @@ class ModelSet:
         return cls(base_ckpt, expert_ckpts, stats)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> ModelSet:
+    def from_recipe(cls, recipe: Recipe, strict: bool = False) -> ModelSet:
         """The recipe's models and statistics; an expert directory's adam_second_moments.safetensors is found by itself."""
         experts = {name: recipe.models[name] for name in recipe.experts}
         moments = dict(recipe.moments)
@@ -380,7 +436,7 @@ class ModelSet:
             if name not in moments and found.is_file():
                 moments[name] = found
         base = recipe.models[recipe.base] if recipe.base is not None else None
-        return cls.from_dirs(base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram)
+        return cls.from_dirs(base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram, strict=strict)
 
     def plan(self, recipe: Recipe) -> list[tuple[str, RulePlan | None]]:
         """Every tensor with the rule that merges it (None: keep the base's), after checking the recipe fits.
@@ -393,10 +449,17 @@ class ModelSet:
         if recipe.base is not None and self.base is None:
             raise ModelSetError("the recipe has a base model but the model set has none")
         available = {kind: set(files) for kind, files in self.stats.items()}
-        plans = [_rule_plan(i, rule, recipe, available) for i, rule in enumerate(recipe.rules)]
+        plans = [_rule_plan(i, rule.at(0.0), recipe, available) for i, rule in enumerate(recipe.rules)]
+        at_position: dict[tuple[int, float], RulePlan] = {}  # gradient rules: one plan per layer position
+        num_layers = self.num_layers
         schedule = []
         for name, info in self.reference.infos.items():
             plan = next((p for p in plans if p.rule.matches(name)), None)
+            if plan is not None and recipe.rules[plan.index].has_gradients:
+                x = layer_position(name, num_layers)
+                if (plan.index, x) not in at_position:
+                    at_position[plan.index, x] = _rule_plan(plan.index, recipe.rules[plan.index].at(x), recipe, available)
+                plan = at_position[plan.index, x]
             if plan is not None:
                 for kind in plan.stats:
                     if kind == "gram":
@@ -416,7 +479,8 @@ class ModelSet:
             yield ModelSetReader(self, device, stack)
 
 
-def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> None:
+def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> list[str]:
+    """Check `other` has every tensor of `ref` in its shape (float dtypes may differ); returns the names only `other` has."""
     where = f"{ref_label} ({ref.path}) and {label} ({other.path})"
     for name, info in ref.infos.items():
         theirs = other.infos.get(name)
@@ -424,14 +488,32 @@ def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> 
             raise ModelSetError(f"tensor {name!r} is in {ref_label} but not in {label}; {where} differ in architecture")
         if theirs.shape != info.shape:
             raise ModelSetError(f"tensor {name!r} has shape {list(info.shape)} in {ref_label} but {list(theirs.shape)} in {label}")
-        if theirs.dtype != info.dtype:
+        if theirs.dtype != info.dtype and not (theirs.dtype.is_floating_point and info.dtype.is_floating_point):
             raise ModelSetError(
                 f"tensor {name!r} is {str(info.dtype).removeprefix('torch.')} in {ref_label} but "
                 f"{str(theirs.dtype).removeprefix('torch.')} in {label}; save both in one dtype"
             )
-    extra = next((name for name in other.infos if name not in ref.infos), None)
-    if extra is not None:
-        raise ModelSetError(f"tensor {extra!r} is in {label} but not in {ref_label}; {where} differ in architecture")
+    return [name for name in other.infos if name not in ref.infos]
+
+
+def _align_tied(labelled: list[tuple[str, Checkpoint]]) -> None:
+    """Where some models store a tied tensor (an untied head) and others do not, read it from
+    the others' tie source (their input embeddings), as mergekit does."""
+    names = {name for _, ckpt in labelled for name in ckpt.infos}
+    for label, ckpt in labelled:
+        lacking = [name for name in names if name not in ckpt.infos]
+        if not lacking:
+            continue
+        tied = ckpt.tied_weights()
+        for name in lacking:
+            source = tied.get(name)
+            if source in ckpt.infos:
+                ckpt.alias(name, source)
+                log.warning(
+                    "%s ties %s to %s but another model stores its own: %s is merged from this model's %s (as mergekit "
+                    "does) and written to the output, which transformers then loads untied",
+                    label, name, source, name, source,
+                )
 
 
 def _check_stats(stats: StatsFile, ref: Checkpoint) -> StatsFile:
@@ -507,8 +589,8 @@ class ModelSetReader:
             return None
         return stats.read(self._handle, key).to(self.device)
 
-    def scores(self, kind: str, expert: str) -> Iterator[Tensor]:
-        """Per-tensor global-threshold scores of an expert: |τ| or v·τ² (tensors without v are skipped)."""
+    def scores(self, kind: str, expert: str) -> Iterator[tuple[str, Tensor]]:
+        """(name, score) per tensor for an expert's global cut: |τ| or v·τ² (tensors without v are skipped)."""
         ms = self.modelset
         for name in ms.tensor_names:
             if kind == "saliency":
@@ -518,7 +600,7 @@ class ModelSetReader:
             delta = self.tensor(ms.experts[expert], name)
             if ms.base is not None:
                 delta.sub_(self.tensor(ms.base, name))
-            yield delta.abs_() if kind == "magnitude" else v * delta.square_()
+            yield name, (delta.abs_() if kind == "magnitude" else v * delta.square_())
 
 
 def merge_tensor(
@@ -533,7 +615,7 @@ def merge_tensor(
 ) -> Tensor:
     """Run one rule's method on one tensor (float32 in, float32 out)."""
 
-    def threshold(kind: str, index: int, keep: float) -> float:
+    def cut(kind: str, index: int, keep: float) -> GlobalCut:
         return thresholds(kind, plan.experts[index], keep)
 
     inputs = TensorInputs(
@@ -546,7 +628,7 @@ def merge_tensor(
         fisher=stats.get("fisher"),
         gram=stats.get("gram"),
         generator=tensor_generator(seed, name),
-        global_threshold=threshold,
+        global_cut=cut,
         seed=seed,
     )
     out = plan.spec.fn(inputs, **plan.kwargs)
@@ -617,16 +699,16 @@ class ResidentModelSet:
         log.info("model set resident on %s in %.1fs", device, time.perf_counter() - started)
         return cls(modelset, device, base, vectors, stats)
 
-    def _scores(self, kind: str, expert: str) -> Iterator[Tensor]:
+    def _scores(self, kind: str, expert: str) -> Iterator[tuple[str, Tensor]]:
         for name, tau in self.vectors[expert].items():
             if self.base is None:
                 raise ValueError("global thresholds need a base model")
             if kind == "magnitude":
-                yield tau.abs()
+                yield name, tau.abs()
             else:
                 v = self.stats["moments"].get(expert, {}).get(name)
                 if v is not None:
-                    yield v * tau.square()
+                    yield name, v * tau.square()
 
     def merge_into(self, recipe: Recipe, sink: Sink, seed: int) -> dict[str, float]:
         """Merge the recipe into `sink` tensor by tensor; returns timings (seconds).

@@ -13,24 +13,42 @@ different method. Recipes round-trip through YAML/JSON; unknown keys are rejecte
         weights: {math: 1.0, code: 0.8}
       - match: "*"                # everything else
         method: linear
+        params: {t: [0.2, 0.8]}   # a mergekit gradient: any numeric param, any weight
+        weights: {math: [1.0, 0.5, 0.0], code: 1.0}
+
+A list for a numeric param or weight is a mergekit gradient: piecewise linear over the model's
+L layers, evaluated at x = ℓ/(L−1) for layer ℓ (x = 1 when L = 1) and at x = 0 for tensors
+outside the layers (embeddings, final norm, head), exactly as mergekit does (`gradient_value`).
+Per-expert values are dicts (`{math: 0.4}`); a dict value may itself be a gradient.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergetune.core.config import load_yaml_model, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.merge.domains import rule_problem
 from mergetune.merge.methods import get_method
 
-ParamValue = Union[bool, int, float, str, dict[str, float]]
+def _finite(value: float | list[float]) -> float | list[float]:
+    if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        raise ValueError("Input should be a finite number")
+    return value
+
+
+Number = Union[float, list[float]]  # a value, or a mergekit gradient over the layers
+# Weights checked as a whole, so an error names the field rather than a union branch (params are
+# checked value by value in `_check_rules`, which says what each one accepts).
+Weight = Annotated[Number, AfterValidator(_finite)]
+ParamValue = Union[bool, int, float, str, list[float], dict[str, Number]]
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -38,6 +56,44 @@ def layer_index(tensor_name: str) -> int | None:
     """The transformer layer a tensor belongs to (`model.layers.3.mlp...` → 3), None for others."""
     found = _LAYER_RE.search(tensor_name)
     return int(found.group(1)) if found else None
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """Where mergekit evaluates a gradient for this tensor: ℓ/(L−1) in layer ℓ (1 if L = 1), 0 outside the layers."""
+    layer = layer_index(tensor_name)
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def gradient_value(knots: list[float], x: float) -> float:
+    """mergekit's gradient: piecewise linear through the knots, spread evenly over x ∈ [0, 1]."""
+    scaled = x * (len(knots) - 1)
+    i0 = int(scaled)
+    i1 = min(len(knots) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * knots[i0] + frac * knots[i1]
+
+
+def _at(value: object, x: float) -> object:
+    if isinstance(value, list):
+        return gradient_value(value, x)
+    if isinstance(value, dict):
+        return {key: _at(v, x) for key, v in value.items()}
+    return value
+
+
+def _gradient_lengths(value: object) -> list[int]:
+    if isinstance(value, list):
+        return [len(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _gradient_lengths(v)]
+    return []
+
+
+def _is_numeric(default: object) -> bool:
+    """Params a gradient may set: float-valued ones (not flags, names or iteration counts)."""
+    return isinstance(default, float)
 
 
 class Rule(BaseModel):
@@ -48,7 +104,7 @@ class Rule(BaseModel):
     method: str
     models: list[str] | None = Field(default=None, description="experts this rule merges (default: all)")
     params: dict[str, ParamValue] = Field(default_factory=dict)
-    weights: dict[str, FiniteFloat] = Field(default_factory=dict, description="per-expert weight (default 1.0)")
+    weights: dict[str, Weight] = Field(default_factory=dict, description="per-expert weight (default 1.0), or a gradient")
 
     @field_validator("match", mode="before")
     @classmethod
@@ -62,6 +118,31 @@ class Rule(BaseModel):
             raise ValueError("layers must be [start, stop) with 0 <= start < stop")
         return value
 
+    @field_validator("params", "weights")
+    @classmethod
+    def _gradients_not_empty(cls, value: dict[str, object]) -> dict[str, object]:
+        for name, v in value.items():
+            if 0 in _gradient_lengths(v):
+                raise ValueError(f"{name}: a gradient needs at least one value")
+        return value
+
+    @property
+    def has_gradients(self) -> bool:
+        return any(_gradient_lengths(v) for v in (*self.params.values(), *self.weights.values()))
+
+    def gradient_points(self) -> list[float]:
+        """The positions x of every gradient knot (where each knot's own value applies), 0 and 1."""
+        lengths = {n for v in (*self.params.values(), *self.weights.values()) for n in _gradient_lengths(v)}
+        return sorted({0.0, 1.0, *(i / (n - 1) for n in lengths if n > 1 for i in range(n))})
+
+    def at(self, x: float) -> Rule:
+        """This rule with every gradient evaluated at position x (itself when it has none)."""
+        if not self.has_gradients:
+            return self
+        return self.model_copy(
+            update={"params": {k: _at(v, x) for k, v in self.params.items()}, "weights": _at(self.weights, x)}
+        )
+
     def matches(self, tensor_name: str) -> bool:
         if self.layers is not None:
             layer = layer_index(tensor_name)
@@ -73,7 +154,7 @@ class Rule(BaseModel):
         return list(all_experts) if self.models is None else list(self.models)
 
     def method_kwargs(self, all_experts: list[str]) -> dict[str, object]:
-        """Public params with per-expert dicts turned into lists in this rule's expert order."""
+        """Public params with per-expert dicts turned into lists in this rule's expert order (no gradients: see `at`)."""
         spec = get_method(self.method)
         experts = self.experts(all_experts)
         out: dict[str, object] = {}
@@ -128,26 +209,31 @@ class Recipe(BaseModel):
             for name in [*(rule.models or []), *rule.weights]:
                 if name not in experts:
                     raise ValueError(f"{where}: {name!r} is not an expert; experts: {', '.join(experts)}")
+            unknown = sorted(set(rule.params) - set(spec.params))
+            if unknown:
+                allowed = ", ".join(sorted(spec.params)) or "(none)"
+                raise ValueError(f"{where}.params: method '{rule.method}' has no parameter {unknown[0]!r}; allowed: {allowed}")
             for name, value in rule.params.items():
                 if isinstance(value, dict):
                     for key in value:
                         if key not in experts:
                             raise ValueError(f"{where}.params.{name}: {key!r} is not an expert")
-                    if name in spec.params and not spec.params[name].per_model:
+                    if not spec.params[name].per_model:
                         raise ValueError(f"{where}.params.{name}: method '{rule.method}' takes one value here")
-            unknown = sorted(set(rule.params) - set(spec.params))
-            if unknown:
-                allowed = ", ".join(sorted(spec.params)) or "(none)"
-                raise ValueError(f"{where}.params: method '{rule.method}' has no parameter {unknown[0]!r}; allowed: {allowed}")
+                if _gradient_lengths(value) and not _is_numeric(spec.params[name].default):
+                    raise ValueError(f"{where}.params.{name}: a gradient (list) needs a numeric parameter; give one value")
             annotations = {name: param.annotation for name, param in spec.params.items()}
-            problem = rule_problem(rule.method, rule.params, rule.weight_list(experts), annotations)
-            if problem is not None:
-                raise ValueError(f"{where}.{problem}")
+            for x in rule.gradient_points():  # every knot, so each gradient value is checked like a plain one
+                at = rule.at(x)
+                problem = rule_problem(rule.method, at.params, at.weight_list(experts), annotations)
+                if problem is not None:
+                    raise ValueError(f"{where}.{problem}")
             n = len(rule.experts(experts))
-            try:
-                spec.bind(rule.method_kwargs(experts), n)
-            except ConfigError as exc:
-                raise ValueError(f"{where}: {exc}") from None
+            for x in rule.gradient_points():  # every knot, so each gradient value is checked like a plain one
+                try:
+                    spec.bind(rule.at(x).method_kwargs(experts), n)
+                except ConfigError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
             if spec.needs_base and self.base is None:
                 raise ValueError(f"{where}: method '{rule.method}' needs a base model (set `base:`)")
             if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):

@@ -35,20 +35,38 @@ class LiveModelSink:
     """Copies merged tensors into an already-loaded model's parameters and buffers, in place.
 
     No reallocation: the model's storage (and anything holding a view of it) stays valid,
-    so an evaluator can score the model right after the merge.
+    so an evaluator can score the model right after the merge. The one exception: a merge that
+    writes both of two tied tensors (a tied base merged with untied experts) unties the second
+    once, as transformers does when it loads such a model from disk.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
         self._targets: dict[str, Tensor] = dict(model.state_dict(keep_vars=True))
         self._written: set[str] = set()
+        storage: dict[int, list[str]] = {}
+        for name, target in self._targets.items():
+            storage.setdefault(target.data_ptr(), []).append(name)
+        self._tied = {name: [o for o in names if o != name] for names in storage.values() if len(names) > 1 for name in names}
 
     def write(self, name: str, tensor: Tensor) -> None:
         target = self._targets.get(name)
         if target is None:
             raise KeyError(f"the live model has no tensor {name!r}")
+        if any(other in self._written for other in self._tied.get(name, ())):
+            target = self._untie(name, target)
         with torch.no_grad():
             target.copy_(tensor)
         self._written.add(name)
+
+    def _untie(self, name: str, target: Tensor) -> Tensor:
+        owner, _, attr = name.rpartition(".")
+        untied = torch.nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)
+        setattr(self._model.get_submodule(owner), attr, untied)
+        for other in self._tied.pop(name, ()):
+            self._tied[other] = [o for o in self._tied.get(other, ()) if o != name]
+        self._targets[name] = untied
+        return untied
 
     @property
     def written(self) -> frozenset[str]:

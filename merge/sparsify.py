@@ -2,22 +2,38 @@
 
 Each `*_mask` function returns a boolean keep-mask for one expert's τ (float32, any shape);
 `apply_mask` zeroes the dropped entries and rescales the survivors. Masks are composable
-with any combination rule (see `methods/combine.py`).
+with any combination rule (see `methods/combine.py`). Density ρ is the fraction KEPT.
 
-- magnitude top-k (TIES trim): keep |τ| ≥ the k-th largest |τ|, k = max(1, ⌊ρ·n⌋)
+- magnitude top-k (TIES trim): exactly k = max(1, ⌊ρ·n⌋) entries, the largest |τ|
 - random drop (DARE): keep each entry i.i.d. with probability ρ
 - rank-based drop (DELLA MagPrune): keep probability rises linearly with the |τ| rank per row
-- breadcrumbs band: drop the top-γ outliers and the smallest entries, keep a band of ρ·n
-- FFG saliency: keep v·τ² ≥ the k-th largest saliency
+- breadcrumbs band: drop the top-γ outliers and the smallest entries, keep a band of ⌊ρ·n⌋
+- FFG saliency: exactly k entries, the largest v·τ²
 
-Scope: per tensor by default; for global scope the caller passes the expert's threshold
-over all its tensors (`TensorInputs.threshold`) and the mask is `score ≥ threshold`.
-Randomness only from the given `torch.Generator` (CPU, so the bytes do not depend on the
-device); density ρ is the fraction KEPT.
+**Which entries "the largest k" are** — the rule every per-tensor selection here follows, and
+that any faster implementation must reproduce bit for bit (`sort_positions`): sort the
+flattened float32 scores with torch's default (unstable) sort on the CPU, as mergekit's
+`sparsify.magnitude` (`argsort(descending=True)`) and `magnitude_outliers`
+(`sort(descending=False)`) do; an entry's *position* in that order decides. Top-k keeps
+positions [0, k) of the descending order; the breadcrumbs band keeps positions
+[n_bot, n_bot + target) of the ascending order. Entries with equal scores are ordered as
+torch's CPU sort leaves them: a deterministic function of the values alone (same on every
+run, thread count and device, because the sort always runs on the CPU) but not index order
+(the sort is unstable for more than 16 entries), so bf16 checkpoints, full of equal
+magnitudes, keep exactly the entries mergekit keeps. A fast version may precompute the
+positions once per tensor (task vectors never change in a study) and compare them with k.
+
+Global scope (one top-k over all of an expert's tensors; no mergekit equivalent) keeps
+exactly k = ⌊ρ·N⌋ entries too: every score above the k-th largest, then the entries equal
+to it in model tensor order and, within a tensor, flat-index order (`GlobalCut`).
+Randomness only from the given `torch.Generator` (CPU, so the bytes do not depend on the device).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -27,7 +43,6 @@ from mergetune.core.errors import ConfigError
 
 RescaleMode = Literal["inverse_keep", "l1"]
 Scope = Literal["tensor", "global"]
-RESCALE_MODES = ("inverse_keep", "l1")
 SCOPES = ("tensor", "global")
 L1_EPS = 1e-7  # mergekit: skip L1 matching when either norm is below this
 
@@ -37,30 +52,117 @@ def check_choice(method: str, param: str, value: str, allowed: tuple[str, ...]) 
         raise ConfigError(f"method '{method}': {param} must be one of {', '.join(allowed)}, not {value!r}")
 
 
-def topk_threshold(scores: Tensor, density: float) -> float:
-    """The k-th largest score, k = max(1, ⌊ρ·n⌋): keeping `scores ≥ it` keeps ≥ k entries.
+def rescale_mode(method: str, rescale: object) -> RescaleMode | None:
+    """The `apply_mask` mode for a method's `rescale` param, spelled as in mergekit.
 
-    A tensor too small for k ≥ 1 keeps its largest entry (mergekit asserts in older versions).
+    `true` is mergekit's rescale (restore the L1 norm of τ), `false` none, and `inverse_keep`
+    ours: divide each survivor by its keep probability (1/ρ; DELLA's 1/π_i), as the DARE and
+    DELLA papers (and mergekit before 0.1) do.
     """
-    flat = scores.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    return flat.kthvalue(flat.numel() - k + 1).values.item()
+    if isinstance(rescale, bool):
+        return "l1" if rescale else None
+    if rescale == "inverse_keep":
+        return "inverse_keep"
+    raise ConfigError(
+        f"method '{method}': rescale must be true (restore the L1 norm, mergekit's rescale), false, "
+        f"or inverse_keep (divide survivors by their keep probability), not {rescale!r}"
+    )
 
 
-def score_mask(scores: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """Keep the top-ρ scores of this tensor, or `scores ≥ threshold` when a global one is given."""
-    if density >= 1:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if density <= 0 or scores.numel() == 0:
+# --- the per-tensor selection rule ---
+
+
+def sort_positions(scores: Tensor, *, descending: bool) -> Tensor:
+    """Every entry's position (int64, shape of `scores`) in mergekit's sort order of the scores.
+
+    The order is `torch.sort(scores.reshape(-1).float().cpu(), descending=descending)` with
+    torch's default unstable sort (the tie order mergekit's argsort gives on the CPU; see the
+    module docstring). Positions, not values, decide every per-tensor selection here.
+    """
+    flat = scores.detach().reshape(-1).to("cpu", torch.float32)
+    order = torch.sort(flat, descending=descending).indices
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(order.numel())
+    return positions.reshape(scores.shape).to(scores.device)
+
+
+def position_mask(scores: Tensor, start: int, stop: int, *, descending: bool) -> Tensor:
+    """Keep the entries at positions [start, stop) of the sort order (`sort_positions`)."""
+    if stop <= start or scores.numel() == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    if threshold is None:
-        threshold = topk_threshold(scores, density)
-    return scores >= threshold
+    if start <= 0 and stop >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    positions = sort_positions(scores, descending=descending)
+    return (positions >= start) & (positions < stop)
 
 
-def magnitude_mask(tau: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """TIES trim: keep the largest |τ| (top-k per tensor, or |τ| ≥ a global threshold)."""
-    return score_mask(tau.abs(), density, threshold)
+def topk_count(density: float, n: int) -> int:
+    """k = max(1, ⌊ρ·n⌋) for 0 < ρ < 1 (a nonempty tensor keeps at least one entry), n for ρ ≥ 1, 0 for ρ ≤ 0."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def topk_mask(scores: Tensor, density: float) -> Tensor:
+    """Exactly k = max(1, ⌊ρ·n⌋) entries: positions [0, k) of the descending order (mergekit's `magnitude`)."""
+    return position_mask(scores, 0, topk_count(density, scores.numel()), descending=True)
+
+
+# --- global scope: one cut over all of an expert's tensors ---
+
+
+@dataclass(frozen=True)
+class GlobalCut:
+    """Exactly k of an expert's scores over all its tensors: those above `threshold` (the k-th
+    largest), then those equal to it in tensor order and flat-index order — `ties[name]` is how
+    many equal entries tensor `name` keeps. threshold = +inf keeps nothing, −inf everything."""
+
+    threshold: float
+    ties: Mapping[str, int] = field(default_factory=dict)
+
+    def mask(self, name: str, scores: Tensor) -> Tensor:
+        keep = scores > self.threshold
+        quota = self.ties.get(name, 0)
+        if quota:
+            tied = (scores == self.threshold).reshape(-1)
+            first = tied & (tied.cumsum(0) <= quota)
+            keep |= first.reshape(scores.shape)
+        return keep
+
+
+KEEP_ALL = GlobalCut(-math.inf)
+KEEP_NONE = GlobalCut(math.inf)
+
+
+def global_cut(k: int, threshold: float, tensors: Iterable[tuple[str, Tensor]]) -> GlobalCut:
+    """The cut keeping exactly k entries, given the k-th largest score and the scores by tensor (in model order)."""
+    counts = []
+    above = 0
+    for name, scores in tensors:
+        above += int((scores > threshold).sum())
+        counts.append((name, int((scores == threshold).sum())))
+    left = k - above
+    ties = {}
+    for name, count in counts:
+        if left <= 0:
+            break
+        if count:
+            ties[name] = min(count, left)
+            left -= ties[name]
+    return GlobalCut(threshold, ties)
+
+
+# --- masks ---
+
+TensorCut = Callable[[Tensor], Tensor]
+"""The keep-mask of one tensor's scores under its expert's `GlobalCut` (see `TensorInputs.cut`)."""
+
+
+def magnitude_mask(tau: Tensor, density: float, cut: TensorCut | None = None) -> Tensor:
+    """TIES trim: the largest |τ| — exactly k per tensor (`topk_mask`), or the expert's global cut."""
+    return cut(tau.abs()) if cut is not None else topk_mask(tau.abs(), density)
 
 
 def saliency(tau: Tensor, moments: Tensor) -> Tensor:
@@ -68,9 +170,10 @@ def saliency(tau: Tensor, moments: Tensor) -> Tensor:
     return moments * tau.square()
 
 
-def saliency_mask(tau: Tensor, moments: Tensor, density: float, threshold: float | None = None) -> Tensor:
-    """FFG: keep the entries with the largest v·τ² (top-k per tensor or ≥ a global threshold)."""
-    return score_mask(saliency(tau, moments), density, threshold)
+def saliency_mask(tau: Tensor, moments: Tensor, density: float, cut: TensorCut | None = None) -> Tensor:
+    """FFG: the largest v·τ² — exactly k per tensor (`topk_mask`), or the expert's global cut."""
+    scores = saliency(tau, moments)
+    return cut(scores) if cut is not None else topk_mask(scores, density)
 
 
 def uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -106,7 +209,7 @@ def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Ten
     return probs.reshape(tau.shape)
 
 
-def rank_mask(tau: Tensor, density: float, epsilon: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def magprune_mask(tau: Tensor, density: float, epsilon: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """DELLA: (keep-mask, per-entry keep probability π); larger |τ| are more likely kept."""
     if density >= 1:
         return torch.ones_like(tau, dtype=torch.bool), torch.ones_like(tau)
@@ -116,32 +219,27 @@ def rank_mask(tau: Tensor, density: float, epsilon: float, generator: torch.Gene
     return uniform(tau.shape, generator, tau.device) < probs, probs
 
 
-def band_mask(
-    tau: Tensor, density: float, gamma: float, thresholds: tuple[float, float] | None = None
-) -> Tensor:
-    """Model Breadcrumbs (mergekit 0.1.5): drop the top-γ |τ| outliers, keep the next ⌊ρ·n⌋.
+def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(n_bot, target) of Model Breadcrumbs (mergekit 0.1.5): target = ⌊ρn⌋, n_top = ⌊γn⌋,
+    n_bot = max(0, n − target − n_top); the band is ascending positions [n_bot, n_bot + target)."""
+    target = int(density * n)
+    return max(0, n - target - int(gamma * n)), target
 
-    Per tensor: rank |τ| ascending, n_top = ⌊γn⌋, target = ⌊ρn⌋, n_bot = max(0, n − target − n_top);
-    keep ranks [n_bot, n_bot + target). ρ ≥ 1 keeps everything (outliers included, as mergekit).
-    With global `thresholds` (hi, lo): keep lo ≤ |τ| < hi; see `band_fractions`.
+
+def band_mask(tau: Tensor, density: float, gamma: float, cuts: tuple[TensorCut, TensorCut] | None = None) -> Tensor:
+    """Model Breadcrumbs: drop the top-γ |τ| outliers, keep the next ⌊ρ·n⌋ (ρ ≥ 1 keeps everything, as mergekit).
+
+    Per tensor: ascending positions [n_bot, n_bot + target) of |τ| (`band_counts`, `sort_positions`).
+    With global `cuts` (outliers, band bottom): kept by the bottom cut and not by the outlier cut.
     """
     if density >= 1:
         return torch.ones_like(tau, dtype=torch.bool)
     magnitude = tau.abs()
-    if thresholds is not None:
-        hi, lo = thresholds
-        return (magnitude < hi) & (magnitude >= lo)
-    n = tau.numel()
-    target = int(density * n)
-    if target == 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    n_bot = max(0, n - target - int(gamma * n))
-    # Ascending ranks [n_bot, n_bot + target) are the values between two order statistics
-    # (two selections instead of mergekit's full sort; equal magnitudes at a bound are all kept).
-    flat = magnitude.reshape(-1)
-    lo = flat.kthvalue(n_bot + 1).values
-    hi = flat.kthvalue(n_bot + target).values
-    return (magnitude >= lo) & (magnitude <= hi)
+    if cuts is not None:
+        outliers, bottom = cuts
+        return bottom(magnitude) & ~outliers(magnitude)
+    n_bot, target = band_counts(tau.numel(), density, gamma)
+    return position_mask(magnitude, n_bot, n_bot + target, descending=False)
 
 
 def band_fractions(density: float, gamma: float) -> tuple[float, float]:
@@ -154,8 +252,9 @@ def band_fractions(density: float, gamma: float) -> tuple[float, float]:
 def apply_mask(tau: Tensor, mask: Tensor, rescale: RescaleMode | None, keep: float | Tensor = 1.0) -> Tensor:
     """τ with dropped entries zeroed; survivors rescaled.
 
+    `l1` restores the L1 norm of τ (mergekit's `rescale: true`; skipped when either norm < 1e-7);
     `inverse_keep` divides by the keep probability (1/ρ for DARE, 1/π_i for DELLA; the papers);
-    `l1` restores the L1 norm of τ (mergekit ≥ 0.1; skipped when either norm < 1e-7); None: no rescale.
+    None: no rescale.
     """
     masked = tau * mask
     if rescale is None:

@@ -24,7 +24,7 @@ from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind
 from mergetune.merge.domains import param_domain
-from mergetune.search.params import DEFAULT_RANGES, WEIGHT, methods_searching, searched_names
+from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
 
 # Optuna's samplers seed numpy, which takes 0 <= seed < 2**32.
 MAX_SEED = 2**32 - 1
@@ -63,7 +63,8 @@ class SearchConfig(_Strict):
         default=None, description="merge methods a group may choose (default: the classics, plus ota with moments)"
     )
     ranges: dict[str, tuple[float, float]] = Field(
-        default_factory=dict, description="param name → [low, high]; a method param is searched iff it has a range"
+        default_factory=dict,
+        description="param name (or method.param, which wins) → [low, high]; a method param is searched iff it has a range",
     )
     per_expert: list[str] = Field(
         default_factory=lambda: ["density"], description="per-model params searched with one value per expert"
@@ -74,12 +75,16 @@ class SearchConfig(_Strict):
     @classmethod
     def _ranges_in_domain(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for name, (low, high) in value.items():
-            _check_searched(name, "ranges", searched_names())
+            if name not in searched_names(qualified=True):
+                raise ValueError(
+                    f"{name!r} is not a searched parameter; ranges may name {', '.join(searched_names())} "
+                    "(or METHOD.PARAM for one method's)"
+                )
             problem = None
             if not low <= high:
                 problem = "range must be [low, high] with low <= high"
             for method in methods_searching(name):
-                domain = param_domain(method, name)
+                domain = param_domain(method, split_qualified(name)[1])
                 if problem is None and (low not in domain or high not in domain):
                     problem = f"[{low:g}, {high:g}] must lie in {domain}, the values '{method}' accepts"
             if name in (WEIGHT, "lambda") and low == high == 0:  # every merge would be the base (or zero)
@@ -99,11 +104,17 @@ class SearchConfig(_Strict):
     @classmethod
     def _per_expert_are_searched(cls, value: list[str]) -> list[str]:
         for name in value:
-            _check_searched(name, "per_expert", [n for n in searched_names() if n != WEIGHT])
+            _check_searched(name, "per_expert", list(PER_EXPERT_PARAMS))
         return value
 
-    def range_of(self, param: str) -> tuple[float, float] | None:
-        return self.ranges.get(param, DEFAULT_RANGES.get(param))
+    def range_of(self, param: str, method: str | None = None) -> tuple[float, float] | None:
+        """The search range of `param` (of `method`): `method.param` (given, then default), then `param`."""
+        keys = [f"{method}.{param}", param] if method else [param]
+        for key in keys:
+            for table in (self.ranges, DEFAULT_RANGES):
+                if key in table:
+                    return table[key]
+        return None
 
 
 def _check_searched(name: str, field: str, allowed: list[str]) -> None:

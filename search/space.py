@@ -27,7 +27,7 @@ from mergetune.merge.domains import UNWEIGHTED_METHODS, weight_domain
 from mergetune.merge.methods import get_method, method_names
 from mergetune.merge.recipe import Recipe, Rule
 from mergetune.search.config import StudyConfig
-from mergetune.search.params import SEARCHED_PARAMS, WEIGHT, searched_names
+from mergetune.search.params import SEARCHED_PARAMS, WEIGHT
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
 WEIGHT_PARAM = re.compile(r"^(?P<group>[^.]+)\.weight\.(?P<expert>.+)$")
@@ -126,25 +126,20 @@ class SearchSpace:
         return list(requested)
 
     def _check_against_methods(self) -> None:
-        """What the config alone cannot check: the weight range against the chosen methods, per-expert params."""
+        """What the config alone cannot check: the weight range against the chosen methods."""
         low, high = self._range(WEIGHT)
         for method in self.methods:
             domain = weight_domain(method)
             if self.uses_weights(method) and (low not in domain or high not in domain):
                 raise ConfigError(f"search.ranges.weight: [{low:g}, {high:g}] must lie in {domain} for '{method}', "
                                   "whose weights scale each expert's statistics; narrow the range or drop the method")
-        per_model = {p for m in method_names() for p, spec in get_method(m).params.items() if spec.per_model}
-        for name in self.search.per_expert:
-            if name not in per_model:
-                raise ConfigError(f"search.per_expert: {name!r} takes one value for all experts in every method; "
-                                  f"per-expert params: {', '.join(sorted(per_model & set(searched_names())))}")
 
     # --- trial → recipe ---
     def _prefix(self, group: str, param: str) -> str:
         return "shared" if param in self.search.shared else group
 
-    def _range(self, param: str) -> tuple[float, float]:
-        found = self.search.range_of(param)
+    def _range(self, param: str, method: str | None = None) -> tuple[float, float]:
+        found = self.search.range_of(param, method)
         if found is None:
             raise ConfigError(f"search.ranges: no range for {param!r}; add `{param}: [low, high]`")
         return found
@@ -161,7 +156,7 @@ class SearchSpace:
         spec = get_method(method)
         params: dict[str, float | dict[str, float]] = {}
         for param in self.searched_params(method):
-            low, high = self._range(param)
+            low, high = self._range(param, method)
             name = f"{self._prefix(group.name, param)}.{method}.{param}"
             if spec.params[param].per_model and param in self.search.per_expert:
                 params[param] = {e: trial.suggest_float(f"{name}.{e}", low, high) for e in self.experts}
@@ -191,7 +186,7 @@ class SearchSpace:
         for group in self.groups:
             params[f"{group.name}.method"] = method
             for param in self.searched_params(method):
-                value = self._in_range(param, float(overrides.get(param, spec.params[param].default)))
+                value = self._in_range(param, float(overrides.get(param, spec.params[param].default)), method)
                 name = f"{self._prefix(group.name, param)}.{method}.{param}"
                 if spec.params[param].per_model and param in self.search.per_expert:
                     params.update({f"{name}.{e}": value for e in self.experts})
@@ -202,8 +197,8 @@ class SearchSpace:
                 params.update({weight_param(self._prefix(group.name, "weight"), e): weight for e in self.experts})
         return params
 
-    def _in_range(self, param: str, value: float) -> float:
-        low, high = self._range(param)
+    def _in_range(self, param: str, value: float, method: str | None = None) -> float:
+        low, high = self._range(param, method)
         if not low <= value <= high:
             raise ValueError(f"{param} {value:g} lies outside search.ranges.{param} [{low:g}, {high:g}]")
         return value

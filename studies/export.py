@@ -1,7 +1,7 @@
 """Export one trial: our recipe YAML, mergekit YAML, and the merged model with a model card.
 
     DIR/recipe.yaml      re-runs with `mergetune merge DIR/recipe.yaml OUT`
-    DIR/mergekit.yaml    `mergekit-yaml` (or `mergekit-multimerge` for per-layer methods)
+    DIR/mergekit.yaml    `mergekit-yaml` (or `mergekit-multi` for per-layer methods); its header is the command
     DIR/*.safetensors, config.json, tokenizer files, README.md (model card)
 
 The whole directory is written atomically; an existing non-empty DIR needs `force`.
@@ -21,7 +21,7 @@ from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.core.versions import package_versions
 from mergetune.merge.recipe import Recipe
 from mergetune.studies.front import objective_names, recorded_test_scores, recipe_summary, trial_recipe
-from mergetune.studies.mergekit import mergekit_yaml, recipe_to_mergekit
+from mergetune.studies.mergekit import ModelLayout, mergekit_yaml, recipe_to_mergekit
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def export_trial(
     mergekit_text, mergekit_note = None, None
     if fmt in ("mergekit", "all"):
         try:
-            mergekit_text = mergekit_yaml(recipe, recipe_to_mergekit(recipe))
+            layout = ModelLayout.from_recipe(recipe)
+            mergekit_text = mergekit_yaml(recipe, recipe_to_mergekit(recipe, layout), layout)
         except MergetuneError as exc:
             if fmt == "mergekit":
                 raise

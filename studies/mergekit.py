@@ -1,4 +1,4 @@
-"""Translate a Recipe into mergekit configs: one `mergekit-yaml` document, or a `mergekit-multimerge` set.
+"""Translate a Recipe into mergekit configs: one `mergekit-yaml` document, or a `mergekit-multi` set.
 
 mergekit resolves a parameter per tensor from a setting that is a scalar, a gradient list
 (piecewise linear over the layers at x = ℓ/(L−1); tensors outside the layers use x = 0), or a
@@ -11,97 +11,70 @@ A recipe whose rules all use one method becomes one config. Otherwise each metho
 intermediate merge over the whole model, and a final stitch picks every tensor from the
 intermediate its rule names: a `passthrough` over layer slices when methods change only between
 whole layers, else a `linear` merge with 0/1 weights per tensor (exact in float32).
+Every config computes in float32 (`dtype: float32`, as we do) and writes our output dtype
+(`out_dtype`). Parameters map by name; what mergekit cannot express (our `rescale: inverse_keep`,
+`scope: global`, methods it lacks, a subset of the experts) is refused in one line.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from safetensors import safe_open
 
 from mergetune.core.errors import MergetuneError
+from mergetune.merge.mergekit_config import MERGEKIT_METHODS, RANDOM_METHODS
 from mergetune.merge.methods import get_method
-from mergetune.merge.recipe import Recipe, Rule, layer_index
+from mergetune.merge.recipe import Recipe, Rule, layer_index, layer_position
 
 Scalar = bool | int | float | str
-
-
-@dataclass(frozen=True)
-class MergekitMethod:
-    """What mergekit 0.1.5 knows about one method: base policy and parameter defaults."""
-
-    uses_base: bool
-    shared: dict[str, Scalar] = field(default_factory=dict)
-    per_model: dict[str, Scalar | None] = field(default_factory=dict)
-
-
-_GTA_SHARED = {"int8_mask": False, "lambda": 1.0}
-# Mirrors mergekit 0.1.5's method specs (tests/test_export_mergekit.py checks it against mergekit).
-MERGEKIT_METHODS: dict[str, MergekitMethod] = {
-    "linear": MergekitMethod(False, {"normalize": True}, {"weight": None}),
-    "task_arithmetic": MergekitMethod(
-        True, {**_GTA_SHARED, "normalize": False, "rescale": False}, {"weight": None, "density": 1.0}
-    ),
-    "ties": MergekitMethod(True, {**_GTA_SHARED, "normalize": True, "rescale": False}, {"weight": None, "density": 1.0}),
-    "dare_ties": MergekitMethod(
-        True, {**_GTA_SHARED, "normalize": False, "rescale": True}, {"weight": None, "density": 1.0}
-    ),
-    "della": MergekitMethod(
-        True,
-        {**_GTA_SHARED, "normalize": True, "rescale": True},
-        {"weight": None, "density": 1.0, "epsilon": 0.15},
-    ),
-    "breadcrumbs": MergekitMethod(
-        True,
-        {**_GTA_SHARED, "normalize": False, "rescale": False},
-        {"weight": None, "density": 1.0, "gamma": 0.01},
-    ),
-    "slerp": MergekitMethod(True, {"t": None}),
-    "model_stock": MergekitMethod(True, {"filter_wise": False}),
-    "passthrough": MergekitMethod(False, {}, {"scale": None}),
-}
-RANDOM_METHODS = {"dare_ties", "della"}
+ARCEE_FUSION_SAMPLE = 1_000_000  # mergekit estimates arcee_fusion's quantiles from this many entries above it
 
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """Tensor names and layer count of the models a recipe merges (read from the base's files)."""
+    """What the export needs of the models: tensor names (with their sizes), layer count, output dtype."""
 
     tensor_names: list[str]
     num_layers: int
+    out_dtype: str | None = None  # the merged model's float dtype (None: several)
+    sizes: dict[str, int] | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> ModelLayout:
-        path = Path(path)
-        config_file = path / "config.json"
-        files = sorted(path.glob("*.safetensors"))
-        if not config_file.is_file() or not files:
-            raise MergetuneError(
-                f"{path} is not a local safetensors model directory; mergekit export reads tensor names from it"
-            )
-        names: list[str] = []
-        for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                names.extend(handle.keys())
-        config = json.loads(config_file.read_text())
-        num_layers = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
-        if not num_layers:
-            raise MergetuneError(f"{config_file} has no num_hidden_layers; cannot map layer ranges for mergekit")
-        return cls(sorted(names), int(num_layers))
+    def from_recipe(cls, recipe: Recipe) -> ModelLayout:
+        """Read from the recipe's model headers, as `mergetune merge` would see them."""
+        from mergetune.merge.engine import output_layout
+        from mergetune.merge.modelset import ModelSet
+
+        modelset = ModelSet.from_recipe(recipe)
+        layout = output_layout(modelset, recipe.dtype)
+        dtypes = {str(dtype).removeprefix("torch.") for dtype, _ in layout.values() if dtype.is_floating_point}
+        sizes = {name: _numel(shape) for name, (_, shape) in layout.items()}
+        return cls(list(layout), modelset.num_layers, dtypes.pop() if len(dtypes) == 1 else None, sizes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def recipe_to_mergekit(recipe: Recipe, layout: ModelLayout | None = None) -> dict | list[dict]:
-    """One mergekit-yaml config (dict) for a single-method recipe, else a mergekit-multimerge document list.
+    """One mergekit-yaml config (dict) for a single-method recipe, else a mergekit-multi document list.
 
-    `layout` (tensor names, layer count) defaults to reading the base model's directory.
+    `layout` (tensor names, layer count, output dtype) defaults to reading the recipe's models.
     """
     if layout is None:
-        layout = ModelLayout.from_dir(recipe.models[recipe.base or next(iter(recipe.models))])
+        layout = ModelLayout.from_recipe(recipe)
     _check_exportable(recipe)
+    if layout.out_dtype is None:
+        raise MergetuneError(
+            "the merged model's float tensors have several dtypes and mergekit writes one; set `dtype:` in the recipe "
+            "to export it for mergekit"
+        )
     rules_by_tensor = {name: recipe.rule_for(name) for name in layout.tensor_names}
     methods = list(dict.fromkeys(rule.method for rule in recipe.rules if rule in rules_by_tensor.values()))
     if len(methods) == 1:
@@ -114,23 +87,34 @@ def recipe_to_mergekit(recipe: Recipe, layout: ModelLayout | None = None) -> dic
     return docs
 
 
-def mergekit_yaml(recipe: Recipe, config: dict | list[dict]) -> str:
-    """The YAML text with a header saying how to run it (and which random seed to pass)."""
+def run_command(config: dict | list[dict], seed: int) -> str:
+    """The shell command that runs the exported file (`mergekit.yaml` in the current directory)."""
+    docs = config if isinstance(config, list) else [config]
+    flag = f" --random-seed {seed}" if {doc["merge_method"] for doc in docs} & RANDOM_METHODS else ""
+    if isinstance(config, list):
+        return f"mergekit-multi mergekit.yaml --intermediate-dir ./intermediate --out-path ./merged{flag}"
+    return f"mergekit-yaml mergekit.yaml ./merged{flag}"
+
+
+def mergekit_yaml(recipe: Recipe, config: dict | list[dict], layout: ModelLayout | None = None) -> str:
+    """The YAML text with a header saying how to run it and how close its result is to ours."""
     docs = config if isinstance(config, list) else [config]
     methods = {doc["merge_method"] for doc in docs}
-    seed = f" --random-seed {recipe.seed}" if methods & RANDOM_METHODS else ""
+    lines = [f"# Run with: {run_command(config, recipe.seed)}"]
     if isinstance(config, list):
-        header = (
-            "# Per-layer methods: run with\n"
-            f"#   mergekit-multimerge mergekit.yaml --intermediate-dir ./intermediate --out-path ./merged{seed}\n"
+        lines.append("# (per-layer methods: one intermediate merge per method, then a stitch)")
+    if methods & RANDOM_METHODS:
+        lines.append(
+            "# DARE/DELLA masks come from mergekit's RNG: the result matches ours in distribution (same keep "
+            "probabilities and rescale), not bit for bit."
         )
-        body = yaml.safe_dump_all(docs, sort_keys=False)
-    else:
-        header = f"# Run with: mergekit-yaml mergekit.yaml ./merged{seed}\n"
-        body = yaml.safe_dump(config, sort_keys=False)
-    if seed:
-        header += "# DARE/DELLA masks come from mergekit's RNG: the result matches ours in distribution, not bit for bit.\n"
-    return header + body
+    if "arcee_fusion" in methods and layout is not None and any(n > ARCEE_FUSION_SAMPLE for n in (layout.sizes or {}).values()):
+        lines.append(
+            "# arcee_fusion: mergekit estimates its thresholds from a random sample of tensors over 1M entries "
+            "(ours are exact), so those tensors can differ slightly."
+        )
+    body = yaml.safe_dump_all(docs, sort_keys=False) if isinstance(config, list) else yaml.safe_dump(config, sort_keys=False)
+    return "\n".join(lines) + "\n" + body
 
 
 def _check_exportable(recipe: Recipe) -> None:
@@ -148,7 +132,7 @@ def _check_exportable(recipe: Recipe) -> None:
 
 
 def _rule_values(recipe: Recipe, rule: Rule, method: str) -> tuple[dict[str, Scalar], dict[str, list[Scalar]]]:
-    """(shared params, per-expert params) of one rule in mergekit's names, defaults filled in from our spec."""
+    """(shared params, per-expert params) of one (gradient-free) rule in mergekit's names, defaults filled in from our spec."""
     spec = get_method(method)
     target = MERGEKIT_METHODS[method]
     experts = recipe.experts
@@ -157,6 +141,12 @@ def _rule_values(recipe: Recipe, rule: Rule, method: str) -> tuple[dict[str, Sca
     per_model: dict[str, list[Scalar]] = {}
     for name, param in spec.params.items():
         value = given.get(name, param.default)
+        if name == "rescale" and value == "inverse_keep":
+            raise MergetuneError(
+                f"'{method}' with rescale: inverse_keep (survivors divided by their keep probability) has no mergekit "
+                "equivalent — mergekit's rescale restores the L1 norm (our rescale: true); only the mergetune recipe "
+                "format is exported for this trial"
+            )
         if name in target.shared:
             shared[name] = value
         elif name in target.per_model:
@@ -168,7 +158,7 @@ def _rule_values(recipe: Recipe, rule: Rule, method: str) -> tuple[dict[str, Sca
             )
     if "weight" in target.per_model:
         per_model["weight"] = rule.weight_list(experts)
-    elif any(w != 1.0 for w in rule.weight_list(experts)):
+    elif len(set(rule.weight_list(experts))) > 1:
         raise MergetuneError(f"mergekit's '{method}' takes no per-model weights; only our recipe format is exported")
     return shared, per_model
 
@@ -184,7 +174,8 @@ def _single_method_config(
     fallback = next(rule for rule in recipe.rules if rule.method == method)
     values = {}
     for name, rule in rules_by_tensor.items():
-        values[name] = _rule_values(recipe, rule if rule.method == method else fallback, method)
+        chosen = rule if rule.method == method else fallback
+        values[name] = _rule_values(recipe, chosen.at(layer_position(name, layout.num_layers)), method)
     target = MERGEKIT_METHODS[method]
     experts = recipe.experts
     shared_names = list(values[layout.tensor_names[0]][0])
@@ -203,19 +194,18 @@ def _single_method_config(
             entry["parameters"] = model_params
         models.append(entry)
     config: dict = {"merge_method": method}
-    if target.uses_base:
+    if target.base == "required" or (target.base == "optional" and recipe.base is not None):
         config["base_model"] = _model_path(recipe, recipe.base)
     config["models"] = models
     if parameters:
         config["parameters"] = parameters
     config["dtype"] = "float32"
-    if recipe.dtype:
-        config["out_dtype"] = recipe.dtype
+    config["out_dtype"] = layout.out_dtype
     return config
 
 
 def _stitch(recipe: Recipe, methods: list[str], rules_by_tensor: dict[str, Rule], layout: ModelLayout) -> dict:
-    """The final (unnamed) multimerge document taking each tensor from its method's intermediate."""
+    """The final (unnamed) mergekit-multi document taking each tensor from its method's intermediate."""
     method_of = {name: rule.method for name, rule in rules_by_tensor.items()}
     layer_method: dict[int, set[str]] = {}
     for name, method in method_of.items():
@@ -227,7 +217,7 @@ def _stitch(recipe: Recipe, methods: list[str], rules_by_tensor: dict[str, Rule]
     pre = {m for name, m in outside.items() if "embed" in name}
     post = {m for name, m in outside.items() if "embed" not in name}
     whole_layers = all(len(s) == 1 for s in per_layer)
-    tail = {"dtype": "float32", **({"out_dtype": recipe.dtype} if recipe.dtype else {})}
+    tail = {"dtype": "float32", "out_dtype": layout.out_dtype}
     if whole_layers and pre <= per_layer[0] and post <= per_layer[-1]:
         slices = []
         for layer, methods_here in enumerate(per_layer):
@@ -267,7 +257,7 @@ def _setting(values: dict[str, Scalar], layout: ModelLayout) -> object:
     else:
         setting = _conditional(values, layout)
     for name, wanted in values.items():
-        got = resolve_setting(setting, name, _position(name, layout.num_layers))
+        got = resolve_setting(setting, name, layer_position(name, layout.num_layers))
         if not _same(got, wanted):
             raise MergetuneError(
                 f"mergekit cannot express this recipe's value for {name} ({wanted!r} vs {got!r}); "
@@ -340,11 +330,6 @@ def _plain(value: Scalar) -> Scalar:
     if isinstance(value, int):
         return int(value)
     return float(value)
-
-
-def _position(name: str, num_layers: int) -> float:
-    layer = layer_index(name)
-    return 0.0 if layer is None or num_layers <= 1 else layer / (num_layers - 1)
 
 
 def _same(a: object, b: object) -> bool:

@@ -38,7 +38,7 @@ def _reads_gram(x: TensorInputs) -> torch.Tensor:
 
 @register("_test_global_mask")
 def _global_mask(x: TensorInputs, *, keep: float = 0.5) -> torch.Tensor:
-    return x.base + x.deltas[0] * (x.deltas[0].abs() >= x.threshold("magnitude", 0, keep))
+    return x.base + x.deltas[0] * x.cut("magnitude", 0, keep)(x.deltas[0].abs())
 
 
 @register("_test_fails_on_layer_1")
@@ -101,7 +101,7 @@ def test_resident_merge_into_live_model_equals_disk_merge(models, tmp_path):
         models,
         [
             {"layers": [1, 2], "method": "_test_global_mask", "params": {"keep": 0.3}, "models": ["code"]},
-            {"match": "*.mlp.*", "method": "task_arithmetic", "params": {"lambda": 0.7, "normalize": True}, "weights": {"math": 0.5, "code": 2.0}},
+            {"match": "*.mlp.*", "method": "task_arithmetic", "params": {"lambda": [0.7, 1.3], "normalize": True}, "weights": {"math": [0.5, 1.0], "code": 2.0}},
             {"match": "*.self_attn.*", "method": "task_arithmetic", "weights": {"math": 0.5, "code": -0.5}},
             {"match": "*", "method": "linear", "weights": {"math": 0.25, "code": 0.75}},
         ],
@@ -125,19 +125,32 @@ def test_resident_merge_into_live_model_equals_disk_merge(models, tmp_path):
 def test_global_thresholds_histogram_matches_exact():
     gen = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n, generator=gen).exp() for n in (1000, 37, 5000)] + [torch.zeros(300)]
+    named = [(f"t{i}", c) for i, c in enumerate(chunks)]
 
     def scores(kind, expert):
-        return iter(chunks)
+        return iter(named)
 
     flat = torch.cat(chunks)
     exact, approx = GlobalThresholds(scores), GlobalThresholds(scores, exact_limit=10)
-    for keep in (0.001, 0.1, 0.5, 0.9):
+    for keep in (0.001, 0.1, 0.5, 0.9, 0.99):
         k = int(keep * flat.numel())
         want = float(flat.sort(descending=True).values[k - 1])
-        assert exact("magnitude", "e", keep) == pytest.approx(want)
-        assert approx("magnitude", "e", keep) == pytest.approx(want)
-    assert approx("magnitude", "e", 0.99) == 0.0  # beyond the positives: all of them, and the zeros
-    assert exact("magnitude", "e", 0.0) == math.inf and exact("magnitude", "e", 1.0) == -math.inf
+        for cuts in (exact, approx):
+            cut = cuts("magnitude", "e", keep)
+            assert cut.threshold == pytest.approx(want)
+            assert sum(int(cut.mask(name, c).sum()) for name, c in named) == k  # exactly k, zeros included
+    assert approx("magnitude", "e", 0.99).threshold == 0.0  # beyond the positives: all of them, and the first zeros
+    assert exact("magnitude", "e", 0.0).threshold == math.inf and exact("magnitude", "e", 1.0).threshold == -math.inf
+
+
+def test_global_cut_keeps_exactly_k_with_ties_in_tensor_then_index_order():
+    # |τ| full of equal values, as in bf16 checkpoints: 2 > 1 > 0 in three tensors.
+    named = [("a", torch.tensor([1.0, 2.0, 1.0, 0.0])), ("b", torch.tensor([1.0, 1.0, 2.0])), ("c", torch.tensor([1.0]))]
+    cuts = GlobalThresholds(lambda kind, expert: iter(named))
+    cut = cuts("magnitude", "e", 0.5)  # N = 8 → k = 4: both 2s, then the first two 1s (a[0], a[2])
+    assert [cut.mask(name, s).tolist() for name, s in named] == [[True, True, True, False], [False, False, True], [False]]
+    cut = cuts("magnitude", "e", 0.75)  # k = 6: the 1s of a, then b[0], b[1]
+    assert [cut.mask(name, s).tolist() for name, s in named] == [[True, True, True, False], [True, True, True], [False]]
 
 
 def _sharded_copy(src: str, dst: Path) -> Path:
@@ -188,7 +201,6 @@ def _variant(models: dict[str, str], tmp_path: Path, **config_changes) -> str:
     ("change", "message"),
     [
         ({"intermediate_size": 48}, r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \[\d+, \d+\] in base but \[\d+, \d+\] in expert 'math'"),
-        ({"dtype": torch.float16}, r"is float32 in base but float16 in expert 'math'"),
         ({"num_hidden_layers": 1}, r"tensor 'model\.layers\.1\.[\w.]+' is in base but not in expert 'math'"),
     ],
 )
@@ -197,6 +209,84 @@ def test_model_mismatch_is_one_line_naming_tensor_and_models(models, tmp_path, c
     with pytest.raises(ModelSetError, match=message) as info:
         ModelSet.from_dirs(Path(models["base"]), {"math": Path(variant), "code": Path(models["code"])})
     assert "\n" not in str(info.value)
+
+
+def _saved(model, path: Path, tokenizer_from: str) -> str:
+    model.save_pretrained(path, safe_serialization=True)
+    for f in Path(tokenizer_from).glob("tokenizer*"):
+        shutil.copy(f, path / f.name)
+    return str(path)
+
+
+def test_mixed_input_dtypes_merge_in_float32_and_write_the_widest(models, tmp_path):
+    # mergekit's rule: a bf16 base with fp32 experts merges in float32 and writes float32.
+    from transformers import AutoModelForCausalLM
+
+    bf16_base = _saved(AutoModelForCausalLM.from_pretrained(models["base"]).to(torch.bfloat16), tmp_path / "b", models["base"])
+    mixed = {**models, "base": bf16_base}
+    rules = [{"method": "task_arithmetic", "weights": {"math": 0.5, "code": 0.25}}]
+    merge_recipe_to_dir(_recipe(mixed, rules), tmp_path / "out")
+    out, base = load_file(tmp_path / "out" / "model.safetensors"), load_file(Path(bf16_base) / "model.safetensors")
+    math_, code = load_file(Path(models["math"]) / "model.safetensors"), load_file(Path(models["code"]) / "model.safetensors")
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.float32
+        b = base[name].float()
+        torch.testing.assert_close(tensor, b + 0.5 * (math_[name] - b) + 0.25 * (code[name] - b))
+    merge_recipe_to_dir(_recipe(mixed, rules, dtype="bfloat16"), tmp_path / "bf16")
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def _with_extra_tensor(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    state["model.rotary_emb.inv_freq"] = torch.ones(4)  # e.g. a buffer an older transformers saved
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_extra_expert_tensors_are_dropped_with_a_warning_or_refused_when_strict(models, tmp_path, caplog):
+    extra = _with_extra_tensor(models["math"], tmp_path / "extra")
+    with caplog.at_level("WARNING"):
+        modelset = ModelSet.from_dirs(Path(models["base"]), {"math": Path(extra), "code": Path(models["code"])})
+    assert "model.rotary_emb.inv_freq" in caplog.text and "dropped" in caplog.text
+    assert modelset.tensor_names == ModelSet.from_dirs(Path(models["base"]), {"code": Path(models["code"])}).tensor_names
+    with pytest.raises(ModelSetError, match=r"tensor 'model\.rotary_emb\.inv_freq' is in expert 'math' but not in base.*--strict"):
+        ModelSet.from_dirs(Path(models["base"]), {"math": Path(extra)}, strict=True)
+    # More layers than the base is another architecture, as in mergekit.
+    deeper = _variant(models, tmp_path, num_hidden_layers=3)
+    with pytest.raises(ModelSetError, match=r"tensor 'model\.layers\.2\.[\w.]+' is in expert 'math' but not in base"):
+        ModelSet.from_dirs(Path(models["base"]), {"math": Path(deeper)})
+
+
+def test_tied_base_with_an_untied_expert_merges_the_head_as_mergekit(models, tmp_path):
+    # The base stores no lm_head (tied to its embeddings); mergekit reads its head from
+    # embed_tokens and writes a merged lm_head.weight.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models["base"])
+    config.tie_word_embeddings = True
+    tied = AutoModelForCausalLM.from_config(config)
+    tied.load_state_dict(AutoModelForCausalLM.from_pretrained(models["base"]).state_dict(), strict=False)
+    tied_base = _saved(tied, tmp_path / "tied", models["base"])
+    assert "lm_head.weight" not in load_file(Path(tied_base) / "model.safetensors")
+    rules = [{"method": "task_arithmetic", "weights": {"math": 0.5, "code": 0.5}}]
+    merge_recipe_to_dir(_recipe({**models, "base": tied_base}, rules), tmp_path / "out")
+    out, base = load_file(tmp_path / "out" / "model.safetensors"), load_file(Path(tied_base) / "model.safetensors")
+    math_, code = load_file(Path(models["math"]) / "model.safetensors"), load_file(Path(models["code"]) / "model.safetensors")
+    embed = base["model.embed_tokens.weight"]
+    head = embed + 0.5 * (math_["lm_head.weight"] - embed) + 0.5 * (code["lm_head.weight"] - embed)
+    torch.testing.assert_close(out["lm_head.weight"], head)
+    # A search worker's live model (tied, loaded from the base) gets the same weights: the head is untied once.
+    recipe = _recipe({**models, "base": tied_base}, rules)
+    live = AutoModelForCausalLM.from_pretrained(tied_base)
+    ResidentModelSet.load(ModelSet.from_recipe(recipe)).merge_into(recipe, LiveModelSink(live), seed=0)
+    for name, tensor in live.state_dict().items():
+        torch.testing.assert_close(tensor, out[name])
+    # ... and an untied base with a tied expert reads that expert's head from its embeddings.
+    merge_recipe_to_dir(_recipe({**models, "math": tied_base}, rules), tmp_path / "out2")
+    out2, base2 = load_file(tmp_path / "out2" / "model.safetensors"), load_file(Path(models["base"]) / "model.safetensors")
+    b = base2["lm_head.weight"]
+    torch.testing.assert_close(out2["lm_head.weight"], b + 0.5 * (embed - b) + 0.5 * (code["lm_head.weight"] - b))
 
 
 def _damaged_expert(models: dict[str, str], tmp_path: Path, damage: str) -> Path:

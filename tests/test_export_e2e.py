@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from rich.console import Console
-from test_export_mergekit import _one_trial_study, _run_mergekit
+from test_export_mergekit import _one_trial_study, run_printed_command
 
 from mergetune.cli.main import main
 from mergetune.merge.recipe import Recipe
@@ -177,7 +177,7 @@ def test_mergekit_dare_merge_scores_within_our_seed_noise(zoo, tmp_path):
     study, trial = _one_trial_study(dare(seeds[-1]))
     export_trial(study, trial, tmp_path / "export", fmt="all")
     assert f"--random-seed {seeds[-1]}" in (tmp_path / "export" / MERGEKIT_FILE).read_text()
-    theirs_dir = _run_mergekit(tmp_path / "export", tmp_path / "mergekit" / "out", seed=seeds[-1])
+    theirs_dir = run_printed_command(tmp_path / "export", tmp_path / "mergekit")
     theirs = mean_logprob(scores_of(theirs_dir, config))
     report = f"ours {[round(v, 5) for v in ours]}, band [{low:.5f}, {high:.5f}], mergekit {theirs:.5f}, halved {halved:.5f}"
     assert low <= theirs <= high, report

@@ -11,8 +11,9 @@ import torch
 
 from mergetune.merge.methods import TensorInputs, get_method, tensor_generator
 
-merge_methods = pytest.importorskip("mergekit.merge_methods")
-from mergekit.merge_methods.api import merge_state_dicts  # noqa: E402
+from mergekit.merge_methods.api import merge_state_dicts
+
+from mergetune.merge.sparsify import band_mask, topk_mask
 
 HIDDEN, INTERMEDIATE, KV, VOCAB, LAYERS = 16, 40, 8, 50, 2
 EXPERTS = ("math", "code", "chat")
@@ -97,7 +98,7 @@ CASES = {
     "task_arithmetic_normalized": ("task_arithmetic", EXPERTS, {"normalize": True}, WEIGHTS),
     "ties": ("ties", EXPERTS, {"density": 0.5, "lambda": 0.9}, WEIGHTS),
     "ties_per_model_density": ("ties", EXPERTS, {"density": PER_MODEL_DENSITY}, WEIGHTS),
-    "ties_unnormalized_l1": ("ties", EXPERTS, {"density": 0.3, "normalize": False, "rescale": True, "rescale_mode": "l1"}, WEIGHTS),
+    "ties_unnormalized_l1": ("ties", EXPERTS, {"density": 0.3, "normalize": False, "rescale": True}, WEIGHTS),
     "breadcrumbs": ("breadcrumbs", EXPERTS, {"density": 0.8, "gamma": 0.05}, WEIGHTS),
     "breadcrumbs_dense_band": ("breadcrumbs", EXPERTS, {"density": 0.9, "gamma": 0.2, "lambda": 1.3}, WEIGHTS),
     "breadcrumbs_ties": ("breadcrumbs_ties", EXPERTS, {"density": 0.7, "gamma": 0.1}, WEIGHTS),
@@ -117,7 +118,7 @@ def test_matches_mergekit(state_dicts, case):
     torch.set_num_threads(1)
     method, experts, params, weights = CASES[case]
     our_params = {k: ([v[e] for e in experts] if isinstance(v, dict) else v) for k, v in params.items()}
-    their_params = {k: v for k, v in params.items() if k != "rescale_mode"}
+    their_params = dict(params)
     use_base = get_method(method).needs_base
     assert_parity(
         ours(state_dicts, method, experts, our_params, weights),
@@ -135,3 +136,33 @@ def test_far_slerp_takes_the_spherical_branch(state_dicts):
     # ... and the norms (ones + small noise) exercise the colinear fallback.
     a, near = state_dicts["base"]["model.norm.weight"], state_dicts["math"]["model.norm.weight"]
     assert (a @ near) / (a.norm() * near.norm()) > DOT_THRESHOLD
+
+
+def _one_expert(method: str, tau: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    base = torch.zeros_like(tau)
+    x = TensorInputs(name="w", base=base, weights=[1.0], deltas_given=[tau])
+    ours = get_method(method)(x, **params)
+    theirs = merge_state_dicts({"base": {"w": base}, "e": {"w": tau}}, method, parameters={"weight": 1.0, **params}, base="base")
+    return ours, theirs["w"]
+
+
+def test_topk_keeps_exactly_k_in_mergekits_tie_order_on_bf16_values():
+    # bf16 task vectors are full of equal magnitudes: at density 0.3 many entries tie at the cut.
+    tau = (0.01 * torch.randn(48, 96, generator=torch.Generator().manual_seed(3))).bfloat16().float()
+    for density in (0.05, 0.3, 0.77):
+        k = int(density * tau.numel())
+        cut = tau.abs().reshape(-1).sort(descending=True).values[k - 1]
+        assert int((tau.abs() == cut).sum()) > 1 and int((tau.abs() >= cut).sum()) > k  # ties straddle the cut
+        assert int(topk_mask(tau.abs(), density).sum()) == k
+        ours, theirs = _one_expert("ties", tau, {"density": density})
+        assert torch.equal(ours, theirs)  # the same k entries, bit for bit
+
+
+def test_breadcrumbs_band_is_exact_when_outliers_tie():
+    # fp32: two outliers of equal magnitude straddle the γ cut (n_top = 1); mergekit drops exactly one.
+    tau = torch.linspace(-1, 1, 200)
+    tau[17], tau[150] = 5.0, -5.0
+    n_bot, target = 200 - 180 - 1, 180  # density 0.9, gamma 0.005 → n_top = 1
+    assert int(band_mask(tau, 0.9, 0.005).sum()) == target and n_bot == 19
+    ours, theirs = _one_expert("breadcrumbs", tau, {"density": 0.9, "gamma": 0.005})
+    assert torch.equal(ours, theirs)

@@ -41,6 +41,14 @@ PARAMS: dict[str, dict[str, object]] = {
     "m3": {"alpha": 0.5},
     "model_stock": {},
     "passthrough": {"scale": 0.9},
+    "nuslerp": {"nuslerp_row_wise": True},
+    "multislerp": {"normalize_weights": False},
+    "karcher": {"max_iter": 5},
+    "sce": {"select_topk": 0.5},
+    "ram": {"epsilon": 1e-4},
+    "ramplus_tl": {"r": 0.2, "alpha": 0.3},
+    "nearswap": {"t": 0.01},
+    "arcee_fusion": {},
 }
 # Global-scope variants: thresholds over all of an expert's tensors, computed by each engine its own way.
 GLOBAL = {"ties": {"density": 0.5, "scope": "global"}, "ota": {"density": 0.5, "scope": "global"},

@@ -12,6 +12,7 @@ from mergetune.core.errors import ConfigError
 from mergetune.merge.methods import TensorInputs, get_method, method_names, tensor_generator
 from mergetune.merge.methods.m3 import mixing_weights
 from mergetune.merge.sparsify import (
+    GlobalCut,
     apply_mask,
     band_fractions,
     band_mask,
@@ -19,7 +20,7 @@ from mergetune.merge.sparsify import (
     magnitude_mask,
     random_mask,
     saliency_mask,
-    topk_threshold,
+    topk_mask,
 )
 
 torch.set_num_threads(1)
@@ -110,17 +111,17 @@ def test_ties_on_a_tensor_too_small_for_k_keeps_its_largest_entry():
     assert_close(merge("ties", x, density=0.1), T(0, -0.5, 0))
 
 
-def test_ties_global_scope_uses_the_engines_threshold():
+def test_ties_global_scope_uses_the_engines_cut():
     calls = []
 
-    def threshold(kind, model, density):
+    def cut(kind, model, density):
         calls.append((kind, model, density))
-        return 0.4
+        return GlobalCut(0.4)
 
-    x = inputs(torch.zeros(5), deltas=[TAU1], global_threshold=threshold)
-    assert_close(merge("ties", x, density=0.2, scope="global"), T(3, -1, 0.5, -2, 0))  # |τ| ≥ 0.4
+    x = inputs(torch.zeros(5), deltas=[TAU1], global_cut=cut)
+    assert_close(merge("ties", x, density=0.2, scope="global"), T(3, -1, 0.5, -2, 0))  # |τ| > 0.4
     assert calls == [("magnitude", 0, 0.2)]
-    with pytest.raises(ValueError, match="global scope needs thresholds"):
+    with pytest.raises(ValueError, match="global scope needs the expert's global cut"):
         merge("ties", inputs(torch.zeros(5), deltas=[TAU1]), density=0.2, scope="global")
 
 
@@ -128,8 +129,8 @@ def test_bad_choices_are_config_errors():
     x = inputs(torch.zeros(5), deltas=[TAU1])
     with pytest.raises(ConfigError, match="scope must be one of tensor, global"):
         merge("ties", x, density=0.5, scope="layer")
-    with pytest.raises(ConfigError, match="rescale_mode"):
-        merge("dare_ties", x, density=0.5, rescale_mode="l2")
+    with pytest.raises(ConfigError, match="rescale must be one of true, false, inverse_keep"):
+        merge("dare_ties", x, density=0.5, rescale="l2")
     with pytest.raises(ConfigError, match="no parameter 'densty'"):
         merge("ties", x, densty=0.5)
 
@@ -137,10 +138,10 @@ def test_bad_choices_are_config_errors():
 # --- sparsifiers ---
 
 
-def test_topk_threshold_is_the_kth_largest_score():
+def test_topk_mask_keeps_the_k_largest_scores():
     scores = T(0.3, 0.9, 0.1, 0.5)
-    assert topk_threshold(scores, 0.5) == pytest.approx(0.5)  # k = 2
-    assert topk_threshold(scores, 0.01) == pytest.approx(0.9)  # k = max(1, 0)
+    assert topk_mask(scores, 0.5).tolist() == [False, True, False, True]  # k = 2
+    assert topk_mask(scores, 0.01).tolist() == [False, True, False, False]  # k = max(1, 0)
     assert magnitude_mask(T(1, -2, 3), 1.0).all() and not magnitude_mask(T(1, -2, 3), 0.0).any()
 
 
@@ -174,7 +175,7 @@ def test_della_keep_probabilities_rise_with_rank_per_row():
 def test_della_inverse_keep_divides_each_survivor_by_its_probability():
     tau = torch.linspace(-1, 1, 4001)
     x = inputs(torch.zeros_like(tau), deltas=[tau], generator=tensor_generator(3, "w"))
-    out = merge("della_linear", x, density=0.5, epsilon=0.2)
+    out = merge("della_linear", x, density=0.5, epsilon=0.2, rescale="inverse_keep")
     probs = della_keep_probabilities(tau, 0.5, 0.2)
     kept = out != 0
     assert_close(out[kept], tau[kept] / probs[kept])
@@ -198,17 +199,18 @@ def test_breadcrumbs_band_drops_outliers_and_small_entries():
 def test_breadcrumbs_global_scope_keeps_the_band_between_two_thresholds():
     assert band_fractions(0.5, 0.2) == pytest.approx((0.2, 0.7))
     assert band_fractions(0.9, 0.2) == pytest.approx((0.1, 1.0))
-    thresholds = {0.2: 0.75, 0.7: 0.3}
-    x = inputs(torch.zeros(10), deltas=[BREAD], global_threshold=lambda kind, k, f: thresholds[round(f, 6)])
+    cuts = {0.2: GlobalCut(0.75), 0.7: GlobalCut(0.3, {"model.layers.0.mlp.up_proj.weight": 1})}
+    x = inputs(torch.zeros(10), deltas=[BREAD], global_cut=lambda kind, k, f: cuts[round(f, 6)])
     out = merge("breadcrumbs", x, density=0.5, gamma=0.2, scope="global")
     assert_close(out, T(0, -0.5, 0.3, 0, 0, 0.7, 0, -0.6, 0.4, 0))  # 0.3 ≤ |τ| < 0.75
 
 
 def test_saliency_mask_ranks_by_v_times_tau_squared():
     tau, v = T(1, 2, -1, 0.5), T(4, 1, 0.25, 0)  # s = [4, 4, 0.25, 0]
-    assert saliency_mask(tau, v, 0.25).tolist() == [True, True, False, False]  # k = 1, tie at 4 kept
+    assert saliency_mask(tau, v, 0.25).tolist() == [True, False, False, False]  # k = 1: exactly one of the tie
     assert saliency_mask(tau, v, 0.75).tolist() == [True, True, True, False]
-    assert saliency_mask(tau, v, 0.5, threshold=0.2).tolist() == [True, True, True, False]
+    cut = GlobalCut(0.25, {"t": 1})  # above 0.25, plus the first entry equal to it
+    assert saliency_mask(tau, v, 0.5, lambda s: cut.mask("t", s)).tolist() == [True, True, True, False]
 
 
 # --- SLERP ---
@@ -324,15 +326,15 @@ def test_ffg_masks_then_ota_averages_survivors_and_falls_back_to_the_base():
     assert_close(merge("ota", ota_inputs(), density=0.5), T(1, -1, 1, 0) + 10)
 
 
-def test_ffg_global_thresholds_per_expert():
+def test_ffg_global_cuts_per_expert():
     requested = []
 
-    def threshold(kind, model, density):
+    def cut(kind, model, density):
         requested.append((kind, model, density))
-        return [0.2, 20.0][model]
+        return [GlobalCut(0.2), GlobalCut(20.0)][model]
 
-    # m₁ = s₁ ≥ 0.2 = [1,1,1,0], m₂ = s₂ ≥ 20 = [0,1,0,0] → [1, −1, −1, θ₀]
-    out = merge("ota", ota_inputs(global_threshold=threshold), density=[0.5, 0.3], scope="global")
+    # m₁ = s₁ > 0.2 = [1,1,1,0], m₂ = s₂ > 20 = [0,1,0,0] → [1, −1, −1, θ₀]
+    out = merge("ota", ota_inputs(global_cut=cut), density=[0.5, 0.3], scope="global")
     assert_close(out, T(1, -1, -1, 0) + 10)
     assert requested == [("saliency", 0, 0.5), ("saliency", 1, 0.3)]
 

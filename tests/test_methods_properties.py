@@ -127,14 +127,17 @@ def test_tensors_of_one_merge_get_independent_dare_masks(seed, density):
 
 @PROPERTY
 @given(shape=shapes, seed=seeds, k=st.integers(1, 3), density=st.floats(0.05, 1.0))
-def test_global_scope_with_this_tensors_own_threshold_equals_tensor_scope(shape, seed, k, density):
-    from mergetune.merge.sparsify import topk_threshold
+def test_global_scope_with_this_tensors_own_cut_equals_tensor_scope(shape, seed, k, density):
+    from mergetune.merge.sparsify import global_cut, topk_count
+
+    def own_cut(kind, i, rho):
+        scores = deltas[i].abs()
+        count = topk_count(rho, scores.numel())
+        threshold = float(scores.reshape(-1).sort(descending=True).values[count - 1])
+        return global_cut(count, threshold, [("t", scores)])
 
     base, deltas = task_vectors(shape, k, seed, agree=False)
-    x = TensorInputs(
-        name="t", base=base, weights=[1.0] * k, deltas_given=deltas,
-        global_threshold=lambda kind, i, rho: topk_threshold(deltas[i].abs(), rho),
-    )  # fmt: skip
+    x = TensorInputs(name="t", base=base, weights=[1.0] * k, deltas_given=deltas, global_cut=own_cut)
     assert torch.equal(get_method("ties")(x, density=density, scope="global"), get_method("ties")(x, density=density))
 
 

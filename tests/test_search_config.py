@@ -93,3 +93,11 @@ def test_the_whole_study_config_validates_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["LmEvalConfig", "False"], done.stderr
+
+
+def test_the_per_expert_params_are_those_the_methods_take_per_expert():
+    from mergetune.merge.methods import get_method
+    from mergetune.search.params import PER_EXPERT_PARAMS, SEARCHED_PARAMS
+
+    per_model = {p for m, params in SEARCHED_PARAMS.items() for p in params if get_method(m).params[p].per_model}
+    assert sorted(per_model) == sorted(PER_EXPERT_PARAMS)

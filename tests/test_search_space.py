@@ -116,3 +116,34 @@ def test_ota_searches_its_curvature_power_and_its_baseline_keeps_the_default():
     (name, params), = baseline_params(space)
     baseline = space.recipe(optuna.trial.FixedTrial(params))
     assert name == "ota" and all(rule.params["power"] == 0.5 for rule in baseline.rules)
+
+
+def test_mergekits_newer_methods_are_searchable_with_their_own_ranges():
+    methods = ["nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"]
+    cfg = parse_study_config(
+        {
+            "study": "t",
+            "models": {"base": "/nowhere/base", "experts": {"math": "/m"}},
+            "evaluator": {"kind": "quick", "zoo": "/zoo"},
+            "search": {"layer_groups": 1, "methods": ["sce", "ramplus_tl", "nearswap", "arcee_fusion", "ram", "karcher"],
+                       "ranges": {"t": [0.2, 0.3]}},
+        },
+        "test",
+    )  # fmt: skip
+    space = SearchSpace(cfg, n_layers=2)
+    assert {m: space.searched_params(m) for m in methods} == {
+        "nuslerp": [], "multislerp": [], "karcher": [], "sce": ["select_topk"], "ram": [],
+        "ramplus_tl": ["r", "alpha"], "nearswap": ["t"], "arcee_fusion": [],
+    }  # fmt: skip
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {}
+    for _ in range(60):
+        trial = study.ask()
+        rule = space.recipe(trial).rules[0]
+        seen.setdefault(rule.method, []).append(rule)
+        study.tell(trial, 0.0)
+    assert all(0 <= r.params["t"] <= 0.01 for r in seen["nearswap"])  # nearswap.t's range, not the plain t's
+    assert all(0 <= r.params["r"] <= 0.5 and 0 <= r.params["alpha"] <= 1 for r in seen["ramplus_tl"])
+    assert all(0.1 <= r.params["select_topk"] <= 1 for r in seen["sce"])
+    assert all(not r.weights for m in ("sce", "ram", "nearswap", "arcee_fusion") for r in seen.get(m, []))
+    assert all(r.weights for r in seen["karcher"])  # karcher's weights are its mean's coefficients

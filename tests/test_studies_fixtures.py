@@ -14,8 +14,10 @@ from mergetune.merge.recipe import Recipe
 EXPERTS = ("math", "code")
 
 
-def build_tiny_models(root: Path, num_layers: int = 2, seed: int = 0) -> dict[str, str]:
-    """base + two experts (Llama, hidden 32) saved as safetensors with the char tokenizer."""
+def build_tiny_models(
+    root: Path, num_layers: int = 2, seed: int = 0, experts: tuple[str, ...] = EXPERTS, dtype: str = "float32"
+) -> dict[str, str]:
+    """base + experts (two by default; Llama, hidden 32) saved as safetensors (in `dtype`) with the char tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +40,7 @@ def build_tiny_models(root: Path, num_layers: int = 2, seed: int = 0) -> dict[st
     torch.manual_seed(seed)
     base = LlamaForCausalLM(config)
     paths = {}
-    for i, name in enumerate(("base", *EXPERTS)):
+    for i, name in enumerate(("base", *experts)):
         model = LlamaForCausalLM(config)
         model.load_state_dict(base.state_dict())
         if name != "base":
@@ -47,7 +49,7 @@ def build_tiny_models(root: Path, num_layers: int = 2, seed: int = 0) -> dict[st
                 for p in model.parameters():
                     p.add_(0.02 * torch.randn(p.shape, generator=generator))
         path = root / name
-        model.save_pretrained(path, safe_serialization=True)
+        model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
         paths[name] = str(path)
     return paths

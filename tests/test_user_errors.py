@@ -76,8 +76,8 @@ def _with(**changes: object) -> dict:
     ("data", "message"),
     [
         # typos that did nothing
-        (_with(search__ranges={"lamda": [0.2, 1.0]}), "search.ranges: 'lamda' is not a searched parameter; ranges may name weight, density"),
-        (_with(search__shared=["bogus"]), "search.shared: 'bogus' is not a searched parameter; shared may name weight, density"),
+        (_with(search__ranges={"lamda": [0.2, 1.0]}), "search.ranges: 'lamda' is not a searched parameter; ranges may name weight, alpha, density"),
+        (_with(search__shared=["bogus"]), "search.shared: 'bogus' is not a searched parameter; shared may name weight, alpha, density"),
         (_with(search__per_expert=["bogus"]), "search.per_expert: 'bogus' is not a searched parameter; per_expert may name density"),
         # ranges outside the parameter's domain
         (_with(search__ranges={"density": [-0.5, -0.1]}), "search.ranges.density: [-0.5, -0.1] must lie in (0, 1]"),
@@ -144,9 +144,8 @@ def test_cuda_without_cuda_is_one_line_at_the_driver(monkeypatch, no_ray):
 def test_a_per_expert_param_that_no_method_takes_per_expert_is_refused(tmp_path):
     from mergetune.search.space import SearchSpace
 
-    config = parse_study_config(_with(search__per_expert=["lambda"]), "study.yaml")
-    with pytest.raises(ConfigError, match=r"search\.per_expert: 'lambda' takes one value for all experts in every method; per-expert params: density, epsilon, gamma"):
-        SearchSpace(config, n_layers=2)
+    with pytest.raises(ConfigError, match=r"search\.per_expert: 'lambda' is not a searched parameter; per_expert may name density, epsilon, gamma$"):
+        parse_study_config(_with(search__per_expert=["lambda"]), "study.yaml")
     moments = {"x": "/m/x", "y": "/m/y"}
     data = _with(search__methods=["ota"], search__ranges={"weight": [-1.0, 1.0]})
     data["models"]["moments"] = moments

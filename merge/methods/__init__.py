@@ -16,16 +16,23 @@ from mergetune.merge.methods.registry import (
 
 # Importing a method module registers it.
 from mergetune.merge.methods import (  # noqa: E402,F401
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
     fisher,
+    karcher,
     linear,
     m3,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     ota,
     passthrough,
+    ram,
     regmean,
+    sce,
     slerp,
     task_arithmetic,
     ties,

@@ -12,54 +12,47 @@ import torch
 from torch import Tensor
 
 from mergetune.merge.methods.registry import TensorInputs
-from mergetune.merge.sparsify import (
-    RESCALE_MODES,
-    SCOPES,
-    RescaleMode,
-    Scope,
-    check_choice,
-)
+from mergetune.merge.sparsify import SCOPES, Scope, TensorCut, check_choice
 
 
 def combine(
     base: Tensor, deltas: list[Tensor], weights: list[float], *, consensus: bool, normalize: bool, lambda_: float
 ) -> Tensor:
-    """θ₀ + λ·(weighted, optionally sign-elected and normalised) sum of the task vectors."""
+    """θ₀ + λ·(weighted, optionally sign-elected and normalised) sum of the task vectors.
+
+    The float32 operations follow mergekit's order (weight, sum over experts in order, divide,
+    scale, add the base), so both round alike and bf16 outputs agree to the last bit almost always.
+    """
+    w = torch.tensor(weights, dtype=torch.float32)
     if not consensus:
-        # One pass per expert into a copy of the base: this is the per-trial hot path.
-        total = sum(weights)
-        scale = lambda_ / total if normalize and abs(total) >= 1e-8 else lambda_
-        out = base.clone()
-        for w, d in zip(weights, deltas):
-            out.add_(d, alpha=w * scale)
-        return out
-    weighted = [w * d for w, d in zip(weights, deltas)]
-    total = weighted[0].clone()
-    for d in weighted[1:]:
-        total.add_(d)
-    positive = total >= 0  # the elected sign; 0 elects +
-    mixed = total.zero_()  # reuse the buffer
-    divisor = torch.zeros_like(total)
-    for w, d in zip(weights, weighted):
-        agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
-        mixed.add_(d * agree)
-        divisor.add_(agree, alpha=w)
-    if normalize:
-        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        mixed = deltas[0] * w[0]
+        for d, wk in zip(deltas[1:], w[1:]):
+            mixed.add_(d * wk)
+        divisor = w.sum()
+        if normalize and divisor.abs() >= 1e-8:  # a zero sum counts as 1: weights summing to 0 never give NaN
+            mixed.div_(divisor)
+    else:
+        weighted = [d * wk for d, wk in zip(deltas, w)]
+        mixed = weighted[0].clone()
+        for d in weighted[1:]:
+            mixed.add_(d)
+        positive = mixed >= 0  # the elected sign; 0 elects +
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for wk, d in zip(w, weighted):
+            agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+            mixed.add_(d * agree)
+            divisor.add_(agree * wk)
+        if normalize:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
 
 
-def rescaler(method: str, rescale: bool, mode: str) -> RescaleMode | None:
-    """The `apply_mask` mode for a method's (rescale, rescale_mode) params."""
-    check_choice(method, "rescale_mode", mode, RESCALE_MODES)
-    return mode if rescale else None  # type: ignore[return-value]
-
-
-def global_thresholds(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[float | None]:
-    """Per expert: the global threshold for keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
+def global_cuts(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[TensorCut | None]:
+    """Per expert: its global cut keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
     check_choice(method, "scope", scope, SCOPES)
     if scope == "tensor":
         return [None] * len(densities)
-    return [x.threshold(kind, k, rho) if 0 < rho < 1 else None for k, rho in enumerate(densities)]
+    return [x.cut(kind, k, rho) if rho < 1 else None for k, rho in enumerate(densities)]

@@ -20,7 +20,10 @@ def linear(x: TensorInputs, *, normalize: bool = True) -> Tensor:
         for w, d in zip(x.weights, x.deltas_given):
             out.add_(d, alpha=w * scale)
         return out
+    # From the models: mergekit's float32 order (fused multiply-adds, then one division).
     out = torch.zeros_like(x.models[0])
     for w, m in zip(x.weights, x.models):
-        out.add_(m, alpha=w * scale)
+        out.add_(m, alpha=w)
+    if scale != 1.0:
+        out.div_(torch.tensor(x.weights, dtype=torch.float32).sum())
     return out

@@ -2,8 +2,8 @@
 
 Per expert k, with τ_k = θ_k − θ₀ and v_k its Adam second moment (raw, or the rank-1
 reconstruction the engine hands over):
-- FFG mask m_k = [v_k·τ_k² ≥ q_k], q_k the threshold keeping the top-ρ_k saliencies (per
-  tensor, or over all the expert's tensors with `scope: global`, the paper's choice); ρ ≥ 1: no mask.
+- FFG mask m_k: the top-ρ_k saliencies v_k·τ_k², exactly ⌊ρ_k·n⌋ of them (per tensor, or over
+  all the expert's tensors with `scope: global`, the paper's choice; `sparsify`); ρ ≥ 1: no mask.
 - curvature weight W_k = (s_k·v_k^p + ε)·m_k, with s_k the expert's recipe weight (the
   reference's `scaling_factor`, 1 by default), p = `power`.
 - θ = θ₀ + Σ W_k τ_k / Σ W_k; when any mask is active, elements with Σ W_k ≤ 1.1·K·ε (every
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.methods.combine import global_thresholds
+from mergetune.merge.methods.combine import global_cuts
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
 from mergetune.merge.sparsify import saliency_mask
 
@@ -42,11 +42,11 @@ def ota(
     if x.moments is None:
         raise ValueError(f"{x.name}: ota needs second moments per expert")
     rho = per_model(density, x.num_models)
-    thresholds = global_thresholds(x, "ota", scope, "saliency", rho)
+    cuts = global_cuts(x, "ota", scope, "saliency", rho)
     numerator = torch.zeros_like(x.base)
     total = torch.zeros_like(x.base)
-    for tau, v, w, r, q in zip(x.deltas, x.moments, x.weights, rho, thresholds):
-        keep = saliency_mask(tau, v, r, q)
+    for tau, v, w, r, cut in zip(x.deltas, x.moments, x.weights, rho, cuts):
+        keep = saliency_mask(tau, v, r, cut)
         weight = (w * v.pow(power) + epsilon) * keep
         numerator += weight * tau
         total += weight

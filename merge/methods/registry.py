@@ -14,12 +14,14 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Union, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.sparsify import GlobalCut, TensorCut
 
 PerModel = Union[float, Sequence[float]]
 """Annotation for a parameter that may differ per expert (a scalar applies to all)."""
@@ -35,10 +37,10 @@ def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
     return gen
 
 
-GlobalThreshold = Callable[[str, int, float], float]
-"""(kind, expert index, keep fraction) → the expert's global threshold; kind is
-"magnitude" (|τ|) or "saliency" (v·τ²). Supplied by the engine, which computes it once
-per (expert, density) over all tensors of the expert."""
+GlobalCuts = Callable[[str, int, float], GlobalCut]
+"""(kind, expert index, keep fraction) → the expert's global cut (exactly ⌊ρ·N⌋ entries over all
+its tensors; see `sparsify.GlobalCut`); kind is "magnitude" (|τ|) or "saliency" (v·τ²).
+Supplied by the engine, which computes it once per (expert, density) over the whole expert."""
 
 
 @dataclass
@@ -58,7 +60,7 @@ class TensorInputs:
     fisher: list[Tensor] | None = None  # diagonal Fisher per expert
     gram: list[Tensor] | None = None  # per expert X^T X of this linear layer's inputs (in × in)
     generator: torch.Generator = field(default_factory=lambda: tensor_generator(0, ""))
-    global_threshold: GlobalThreshold | None = None
+    global_cut: GlobalCuts | None = None
     seed: int | None = None  # the merge's seed, for draws shared by all its tensors (M³'s weights)
 
     def __post_init__(self) -> None:
@@ -88,10 +90,12 @@ class TensorInputs:
             raise ValueError(f"{self.name}: this method needs a base model")
         return [m - self.base for m in self.models_given]
 
-    def threshold(self, kind: str, model: int, density: float) -> float:
-        if self.global_threshold is None:
-            raise ValueError(f"{self.name}: global scope needs thresholds from the merge engine")
-        return self.global_threshold(kind, model, density)
+    def cut(self, kind: str, model: int, density: float) -> TensorCut:
+        """The keep-mask function of this tensor's scores under expert `model`'s global cut."""
+        if self.global_cut is None:
+            raise ValueError(f"{self.name}: global scope needs the expert's global cut from the merge engine")
+        cut = self.global_cut(kind, model, density)
+        return lambda scores: cut.mask(self.name, scores)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,10 @@ class MethodSpec:
                     raise ConfigError(
                         f"method '{self.name}': parameter {name!r} has {len(value)} values for {num_models} models"
                     )
+            choices = _choices(spec.annotation)
+            if choices is not None and not any(type(value) is type(c) and value == c for c in choices):
+                allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+                raise ConfigError(f"method '{self.name}': {name} must be one of {allowed}, not {value!r}")
             kwargs[spec.arg] = value
         return kwargs
 
@@ -140,6 +148,17 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+
+
+def _choices(annotation: object) -> tuple[object, ...] | None:
+    """The allowed values of a `Literal[...]` (or `bool | Literal[...]`) parameter; None for other types."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        parts = get_args(annotation)
+        if all(p is bool or get_origin(p) is Literal for p in parts):
+            return tuple(c for p in parts for c in ((True, False) if p is bool else get_args(p)))
+    return None
 
 
 def _is_per_model(annotation: object) -> bool:

@@ -6,9 +6,9 @@ from typing import Literal
 
 from torch import Tensor
 
-from mergetune.merge.methods.combine import combine, global_thresholds, rescaler
+from mergetune.merge.methods.combine import combine, global_cuts
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import apply_mask, magnitude_mask
+from mergetune.merge.sparsify import apply_mask, magnitude_mask, rescale_mode
 
 
 @register("ties", needs_base=True, min_models=1)
@@ -18,17 +18,17 @@ def ties(
     density: PerModel = 1.0,
     lambda_: float = 1.0,
     normalize: bool = True,
-    rescale: bool = False,
-    rescale_mode: Literal["inverse_keep", "l1"] = "inverse_keep",
+    rescale: bool | Literal["inverse_keep"] = False,
     scope: Literal["tensor", "global"] = "tensor",
 ) -> Tensor:
     """Magnitude trim, sign election, mean over agreeing entries (mergekit `ties`).
 
-    `scope: global` keeps each expert's top-ρ |τ| over all its tensors (the paper; threshold
-    from the engine) instead of per tensor (mergekit).
+    The trim keeps exactly k = max(1, ⌊ρ·n⌋) entries per tensor in mergekit's tie order
+    (`sparsify.topk_mask`); `scope: global` keeps each expert's top ⌊ρ·N⌋ |τ| over all its
+    tensors (the paper; the cut comes from the engine) instead.
     """
     rho = per_model(density, x.num_models)
-    mode = rescaler("ties", rescale, rescale_mode)
-    thresholds = global_thresholds(x, "ties", scope, "magnitude", rho)
-    trimmed = [apply_mask(tau, magnitude_mask(tau, r, t), mode, r) for tau, r, t in zip(x.deltas, rho, thresholds)]
+    mode = rescale_mode("ties", rescale)
+    cuts = global_cuts(x, "ties", scope, "magnitude", rho)
+    trimmed = [apply_mask(tau, magnitude_mask(tau, r, c), mode, r) for tau, r, c in zip(x.deltas, rho, cuts)]
     return combine(x.base, trimmed, x.weights, consensus=True, normalize=normalize, lambda_=lambda_)
