@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import UnionType
 from typing import Literal, Union, get_args, get_origin
 
 
@@ -98,11 +99,9 @@ def scalar_values(value: object) -> Iterator[object]:
 
 def value_problem(method: str, param: str, annotation: object, value: object) -> str | None:
     """Why one value of `method`'s parameter `param` (typed `annotation` in its signature) is refused, or None."""
-    choices = _literal_choices(annotation)
+    choices = literal_choices(annotation)
     if choices is not None:
-        if value not in choices:
-            return f"{value!r} is not one of {', '.join(map(str, choices))}"
-        return None
+        return choice_problem(choices, value)
     if annotation is bool:
         return None if isinstance(value, bool) else f"{value!r} is not true/false"
     if not _numeric(annotation):
@@ -129,10 +128,23 @@ def weights_problem(method: str, weights: Sequence[float]) -> str | None:
     return None
 
 
-def _literal_choices(annotation: object) -> tuple | None:
+def literal_choices(annotation: object) -> tuple[object, ...] | None:
+    """The allowed values of a `Literal[...]` (or `bool | Literal[...]`) parameter; None for other types."""
     if get_origin(annotation) is Literal:
         return get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        parts = get_args(annotation)
+        if all(p is bool or get_origin(p) is Literal for p in parts):
+            return tuple(c for p in parts for c in ((True, False) if p is bool else get_args(p)))
     return None
+
+
+def choice_problem(choices: tuple[object, ...], value: object) -> str | None:
+    """Why `value` is none of `choices` (exactly: True is not 1), or None."""
+    if any(type(value) is type(c) and value == c for c in choices):
+        return None
+    allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+    return f"{value!r} is not one of {allowed}"
 
 
 def _numeric(annotation: object) -> bool:

@@ -55,8 +55,8 @@ def test_recipes_take_gradients_for_numeric_params_and_weights():
         ({"method": "ties", "params": {"normalize": [True, False]}}, r"rules\.0\.params\.normalize: a gradient \(list\) needs a numeric parameter"),
         ({"method": "karcher", "params": {"max_iter": [5, 10]}}, r"needs a numeric parameter"),
         ({"method": "ties", "params": {"density": []}}, r"density: a gradient needs at least one value"),
-        ({"method": "ties", "params": {"rescale": "l2"}}, r"rescale must be one of true, false, inverse_keep, not .l2."),
-        ({"method": "ties", "params": {"scope": "layer"}}, r"scope must be one of tensor, global"),
+        ({"method": "ties", "params": {"rescale": "l2"}}, r"rescale: 'l2' is not one of true, false, inverse_keep"),
+        ({"method": "ties", "params": {"scope": "layer"}}, r"scope: 'layer' is not one of tensor, global"),
     ],
 )
 def test_bad_gradients_are_one_line_errors(rule, message):

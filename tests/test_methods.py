@@ -127,9 +127,9 @@ def test_ties_global_scope_uses_the_engines_cut():
 
 def test_bad_choices_are_config_errors():
     x = inputs(torch.zeros(5), deltas=[TAU1])
-    with pytest.raises(ConfigError, match="scope must be one of tensor, global"):
+    with pytest.raises(ConfigError, match="scope: .layer. is not one of tensor, global"):
         merge("ties", x, density=0.5, scope="layer")
-    with pytest.raises(ConfigError, match="rescale must be one of true, false, inverse_keep"):
+    with pytest.raises(ConfigError, match="rescale: .* is not one of true, false, inverse_keep"):
         merge("dare_ties", x, density=0.5, rescale="l2")
     with pytest.raises(ConfigError, match="no parameter 'densty'"):
         merge("ties", x, densty=0.5)

@@ -14,13 +14,13 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import UnionType
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.domains import choice_problem, literal_choices
 from mergetune.merge.sparsify import GlobalCut, TensorCut
 
 PerModel = Union[float, Sequence[float]]
@@ -136,10 +136,10 @@ class MethodSpec:
                     raise ConfigError(
                         f"method '{self.name}': parameter {name!r} has {len(value)} values for {num_models} models"
                     )
-            choices = _choices(spec.annotation)
-            if choices is not None and not any(type(value) is type(c) and value == c for c in choices):
-                allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
-                raise ConfigError(f"method '{self.name}': {name} must be one of {allowed}, not {value!r}")
+            choices = literal_choices(spec.annotation)
+            problem = None if choices is None else choice_problem(choices, value)
+            if problem is not None:
+                raise ConfigError(f"method '{self.name}': {name}: {problem}")
             kwargs[spec.arg] = value
         return kwargs
 
@@ -148,17 +148,6 @@ class MethodSpec:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-
-
-def _choices(annotation: object) -> tuple[object, ...] | None:
-    """The allowed values of a `Literal[...]` (or `bool | Literal[...]`) parameter; None for other types."""
-    if get_origin(annotation) is Literal:
-        return get_args(annotation)
-    if get_origin(annotation) in (Union, UnionType):
-        parts = get_args(annotation)
-        if all(p is bool or get_origin(p) is Literal for p in parts):
-            return tuple(c for p in parts for c in ((True, False) if p is bool else get_args(p)))
-    return None
 
 
 def _is_per_model(annotation: object) -> bool:
