@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     except MergetuneError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # a Ctrl-C outside a study run: nothing to clean up
+        Console(stderr=True).print("interrupted", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

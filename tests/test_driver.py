@@ -20,7 +20,9 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from mergetune.search.config import parse_study_config
-from mergetune.search.driver import WorkerPool, load_study, run_study
+from mergetune.search.driver import run_study
+from mergetune.search.pool import WorkerPool
+from mergetune.studies.store import open_study
 
 import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
@@ -83,6 +85,8 @@ def study_config(tmp_path, name, n_trials, workers=2, **extra):
         "storage": f"sqlite:///{tmp_path / 'studies.db'}",
         "ray": {"workers": workers},
         "sampler": {"m3_prior": {"n_startup": 6}},
+        # Short beats so tests of dead drivers wait seconds; long enough for a loaded 2-core machine.
+        "heartbeat": {"interval_s": 0.5, "grace_s": 6},
         **extra,
     }
     return parse_study_config(data, "test")
@@ -147,22 +151,27 @@ def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
 
 
-def start_driver(tmp_path, config, delay):
+def start_driver(tmp_path, config, delay, name="driver"):
     """A driver in a subprocess (joined to the test's Ray cluster) with slow stand-in workers."""
-    script = tmp_path / "driver.py"
+    script = tmp_path / f"{name}.py"
     script.write_text(textwrap.dedent(f"""
         import sys, ray
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_driver
         from mergetune.search.config import parse_study_config
+        from mergetune.core.errors import MergetuneError
         from mergetune.search.driver import run_study
         ray.cloudpickle.register_pickle_by_value(test_driver)
         class SlowWorker(test_driver.FakeWorker):
             delay = {delay}
         config = parse_study_config({config.model_dump(mode="json")!r}, "test")
-        run_study(config, worker_cls=SlowWorker)
+        try:
+            run_study(config, worker_cls=SlowWorker)
+        except MergetuneError as exc:  # as the CLI does: one line, its exit code (130 after Ctrl-C)
+            print(exc, file=sys.stderr)
+            sys.exit(exc.exit_code)
     """))
-    log_path = tmp_path / "driver.log"
+    log_path = tmp_path / f"{name}.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=log)
     driver.log_path = log_path  # wait_for_complete shows the driver's stderr when it fails
@@ -177,7 +186,7 @@ def wait_for_complete(config, n, timeout=90, driver=None):
         if driver is not None and driver.poll() is not None:
             break
         try:
-            study = load_study(config.study, config.storage_url)
+            study = open_study(config.study, config.storage_url)
         except Exception:
             continue
         if len(study.get_trials(states=(TrialState.COMPLETE,))) >= n:
@@ -194,7 +203,7 @@ def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_p
     finally:
         driver.kill()  # SIGKILL: no cleanup at all
         driver.wait()
-    before = states(load_study("killed", config.storage_url))
+    before = states(open_study("killed", config.storage_url))
     assert before.get(TrialState.COMPLETE, 0) >= 3 and before.get(TrialState.RUNNING, 0) >= 1
 
     resumed = run_study(config.model_copy(update={"ray": config.ray.model_copy(update={"address": None})}), console=quiet(), worker_cls=FakeWorker)
@@ -212,10 +221,10 @@ def test_ctrl_c_lets_in_flight_trials_finish_and_leaves_the_study_consistent(ray
     try:
         wait_for_complete(config, 2, driver=driver)
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=30) == 0
+        assert driver.wait(timeout=30) == 130  # scripts can tell an interrupted run from a finished one
     finally:
         driver.kill()
-    after = states(load_study("interrupted", config.storage_url))
+    after = states(open_study("interrupted", config.storage_url))
     assert TrialState.RUNNING not in after and TrialState.FAIL not in after
     assert 2 <= after[TrialState.COMPLETE] < 40
 
@@ -224,7 +233,7 @@ def test_journal_storage(ray_session, tmp_path):
     config = study_config(tmp_path, "journal", 5, storage=f"journal:///{tmp_path / 'j' / 'study.log'}")
     study = run_study(config, console=quiet(), worker_cls=FakeWorker)
     assert (tmp_path / "j" / "study.log").is_file()
-    assert states(load_study("journal", config.storage_url)) == {TrialState.COMPLETE: 5}
+    assert states(open_study("journal", config.storage_url)) == {TrialState.COMPLETE: 5}
     assert study.user_attrs["config"]["storage"].startswith("journal://")
 
 

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 from servers import postgres_bin_dir, start_postgres
 from test_driver import FakeWorker, quiet, start_driver, states, study_config, wait_for_complete
 
-from mergetune.search.driver import load_study, run_study
+from mergetune.search.driver import run_study
+from mergetune.studies.store import open_study
 
 import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules["test_driver"])
@@ -65,7 +66,7 @@ def test_postgres_study_survives_driver_kill_9_and_resumes(ray_session, postgres
     finally:
         driver.kill()
         driver.wait()
-    before = states(load_study("pg_killed", postgres.url))
+    before = states(open_study("pg_killed", postgres.url))
     assert before[TrialState.COMPLETE] >= 3 and before.get(TrialState.RUNNING, 0) >= 1
 
     resumed = run_study(config, console=quiet(), worker_cls=FakeWorker)
@@ -87,7 +88,7 @@ def test_postgres_outage_mid_study_is_retried_and_nothing_is_lost(ray_session, p
         assert driver.wait(timeout=180) == 0
     finally:
         driver.kill()
-    assert_consistent(load_study("pg_outage", postgres.url), 14)
+    assert_consistent(open_study("pg_outage", postgres.url), 14)
 
 
 def test_storage_outage_longer_than_the_window_stops_cleanly_and_resumes(ray_session, postgres, tmp_path):
