@@ -244,6 +244,7 @@ def ask_trial(study: optuna.Study, storage: StorageRetry, driver: str, token: st
             if is_permanent(exc):
                 raise StorageError(f"the study storage refused a call: {reason(exc)}") from None
             # The claim may have committed before the answer was lost.
+            log.warning("storage error while claiming trial %d (%s); checking whether the claim committed", waiting.number, reason(exc))
             now = storage(backend.get_trial, waiting._trial_id)
             claimed = now.state == TrialState.RUNNING and alone()
         if claimed:

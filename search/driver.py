@@ -415,16 +415,17 @@ def run_study(
     console = console or Console()
     space = SearchSpace(config)
     workers = config.ray.workers
-    if worker_cls is None:
-        load_modelset(config)  # names/shapes/statistics checked before any worker starts
-        worker_cls = TrialWorker
-    check_local_gpus(config, workers)
-    # The storage is checked before Ray starts, and an existing study against this config; nothing is written.
+    # Before Ray starts, and writing nothing: the storage, an existing study against this config,
+    # the models, the GPUs.
     existing = find_study(config.study, config.storage_url)
     if existing is not None:
         check_same_space(existing, space)
         if config.objectives is not None:
             check_same_directions(existing, config.objectives)
+    if worker_cls is None:
+        load_modelset(config)  # names/shapes/statistics checked before any worker starts
+        worker_cls = TrialWorker
+    check_local_gpus(config, workers)
     storage = StorageRetry(config.storage_retry_s)
     started_ray = interrupted = False
     pool = heartbeat = study = None

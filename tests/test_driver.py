@@ -7,6 +7,7 @@ driver (Ray actors, Optuna storage) and not the merge or the evaluator.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.search.config import parse_study_config
 from mergetune.search.driver import run_study
 from mergetune.search.pool import WorkerPool
@@ -58,6 +60,22 @@ class FakeWorker:
         from mergetune.search.workers import placement
 
         return {**placement(), "scores": self.scores(recipe), "timings": {"merge_s": 0.0, "eval_s": 0.0}}
+
+
+class GatedWorker(FakeWorker):
+    """A FakeWorker whose trials wait until the file `gate` exists; its `hang_after`+1-th trial never ends."""
+
+    gate = ""
+    hang_after: int | None = None
+    done = 0
+
+    def run(self, recipe, seed):
+        while self.gate and not os.path.exists(self.gate):
+            time.sleep(0.05)
+        if self.hang_after is not None and self.done >= self.hang_after:
+            time.sleep(3600)  # in flight until its driver is killed
+        self.done += 1
+        return super().run(recipe, seed)
 
 
 class FlakyWorker(FakeWorker):
@@ -151,9 +169,12 @@ def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
 
 
-def start_driver(tmp_path, config, delay, name="driver"):
-    """A driver in a subprocess (joined to the test's Ray cluster) with slow stand-in workers."""
+def start_driver(tmp_path, config, delay, name="driver", **worker_attrs):
+    """A driver in a subprocess (joined to the test's Ray cluster, unless `ray.address` is unset) with
+    slow stand-in workers; `worker_attrs` (gate, hang_after) make them GatedWorkers."""
     script = tmp_path / f"{name}.py"
+    base = "GatedWorker" if worker_attrs else "FakeWorker"
+    attrs = "".join(f"\n            {k} = {v!r}" for k, v in {"delay": delay, **worker_attrs}.items())
     script.write_text(textwrap.dedent(f"""
         import sys, ray
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -162,8 +183,7 @@ def start_driver(tmp_path, config, delay, name="driver"):
         from mergetune.core.errors import MergetuneError
         from mergetune.search.driver import run_study
         ray.cloudpickle.register_pickle_by_value(test_driver)
-        class SlowWorker(test_driver.FakeWorker):
-            delay = {delay}
+        class SlowWorker(test_driver.{base}):{attrs}
         config = parse_study_config({config.model_dump(mode="json")!r}, "test")
         try:
             run_study(config, worker_cls=SlowWorker)
@@ -246,3 +266,88 @@ def test_one_actor_per_logical_gpu(ray_session, tmp_path):
         pool.shutdown()
     assert sorted(p["gpu_ids"][0] for p in placed) == ["0", "1"]
     assert sorted(p["cuda_visible_devices"] for p in placed) == ["0", "1"]
+
+
+def test_gpus_that_are_not_there_are_one_line_before_ray_starts(tmp_path):
+    config = study_config(tmp_path, "nogpu", 2, ray={"workers": 2, "gpus_per_worker": 1})
+    with pytest.raises(ConfigError, match="2 worker\\(s\\) × 1 GPU need 2 GPU\\(s\\), this machine shows 0"):
+        run_study(config, console=quiet(), worker_cls=FakeWorker)
+    assert not (tmp_path / "studies.db").exists()  # nothing written either
+
+
+def test_a_joined_cluster_without_the_resources_stops_after_the_placement_timeout(ray_session, tmp_path):
+    # The test's Ray has 2 logical GPUs; a worker asking for 3 can never be placed there.
+    config = study_config(tmp_path, "toobig", 2, ray={"workers": 1, "gpus_per_worker": 3, "address": ray_session, "placement_timeout_s": 2})
+    started = time.monotonic()
+    with pytest.raises(MergetuneError, match="did not offer 1 worker\\(s\\) × CPU 1, GPU 3 within 2 s \\(it has CPU 2, GPU 2\\)"):
+        run_study(config, console=quiet(), worker_cls=FakeWorker)
+    assert time.monotonic() - started < 60
+
+
+class TradeOffWorker(FakeWorker):
+    """Scores whose weighted sum and weighted mean rank the same but differ in value (b = (1 - a)²)."""
+
+    def scores(self, recipe):
+        a = super().scores(recipe)["a"]
+        return {"a": a, "b": (1.0 - a) ** 2}
+
+
+def test_progress_bar_final_line_and_export_agree_on_the_best_trial(ray_session, tmp_path):
+    from mergetune.search.cli import _finish
+    from mergetune.studies.front import pick_trial
+
+    console = Console(record=True, width=250, force_terminal=False)
+    study = run_study(study_config(tmp_path, "best", 10), console=console, worker_cls=TradeOffWorker)
+    _finish(study, console)
+    text = console.export_text()
+    progress = re.search(r"best (\d\.\d{4}) \(#(\d+)\)", text)
+    final = re.search(r"best trial #(\d+): weighted mean (\d\.\d{4})", text)
+    assert progress and final, text
+    exported = pick_trial(study, "best")  # what `export --trial best` exports
+    assert progress.group(2) == final.group(1) == str(exported.number)
+    assert progress.group(1) == final.group(2) == f"{sum(exported.values) / 2:.4f}"
+
+
+def ray_processes_of(pid: int) -> list[int]:
+    """The descendants of `pid` (its local Ray: gcs_server, raylet, agents, workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+def test_a_stopped_driver_stops_the_ray_it_started(tmp_path, sig, code):
+    config = study_config(tmp_path, "own_ray", 40, ray={"workers": 1})  # no address: the driver starts its own Ray
+    driver = start_driver(tmp_path, config, delay=0.4)
+    try:
+        wait_for_complete(config, 2, timeout=180, driver=driver)
+        ray_pids = ray_processes_of(driver.pid)
+        assert len(ray_pids) >= 3  # gcs_server, raylet, the worker, ...
+        driver.send_signal(sig)
+        assert driver.wait(timeout=60) == code, driver.log_path.read_text()[-3000:]
+    finally:
+        driver.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(p) for p in ray_pids):
+        time.sleep(0.5)
+    assert not [p for p in ray_pids if alive(p)], "processes of the driver's Ray outlived it"
+    after = states(open_study("own_ray", config.storage_url))
+    assert TrialState.RUNNING not in after and 2 <= after[TrialState.COMPLETE] < 40
