@@ -143,7 +143,7 @@ def _open_rdb(url: str, create: bool) -> optuna.storages.BaseStorage:
                 probe.dispose()
             if not has_tables:
                 raise StorageMissing(f"no study storage at {redacted(url)} (no Optuna tables there); pass --storage with the URL the study was run with")
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        storage = _rdb_storage(url, engine_kwargs, create)
     except sqlalchemy.exc.NoSuchModuleError:
         dialect = url.split("://")[0]
         raise ConfigError(f"storage: unknown database dialect {dialect!r} in {redacted(url)}; use sqlite:///PATH, postgresql+psycopg://... or journal:///PATH") from None
@@ -154,6 +154,26 @@ def _open_rdb(url: str, create: bool) -> optuna.storages.BaseStorage:
     if path is not None:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+# Optuna's table creation and schema stamp are not safe against a second process doing the same
+# at the same instant ("table ... already exists", a UNIQUE failure on alembic_version); once the
+# other process has finished, opening again succeeds.
+_CONCURRENT_CREATION = re.compile(r"already exists|UNIQUE constraint failed: alembic_version|duplicate key|database is locked", re.IGNORECASE)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, create: bool) -> optuna.storages.RDBStorage:
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(9):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        except sqlalchemy.exc.DBAPIError as exc:
+            if not create or not _CONCURRENT_CREATION.search(str(exc.orig)):
+                raise
+            time.sleep(0.2 + 0.1 * attempt)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
 
 
 def check_creatable(path: Path) -> None:

@@ -107,6 +107,23 @@ def test_connection_losses_are_retried_until_they_heal():
     assert retry(flaky) == "answer" and len(calls) == 3 and retry.outages == 1
 
 
+def test_drivers_creating_one_storage_at_the_same_instant_all_open_it(tmp_path):
+    # Optuna's table creation races (UNIQUE constraint failed: alembic_version); open_storage retries it.
+    script = tmp_path / "open.py"
+    script.write_text(
+        "import sys, time\n"
+        "from mergetune.studies.storage import open_storage\n"
+        "while time.time() < float(sys.argv[2]):\n    time.sleep(0.001)\n"
+        "open_storage(f'sqlite:///{sys.argv[1]}', create=True)\n"
+    )
+    for round_ in range(2):
+        start = time.time() + 6  # every process has imported optuna by then
+        procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{round_}.db"), str(start)], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for proc in procs:
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr[-2000:]
+
+
 # --- read-only commands create nothing; names stay inside studies/ ---
 @pytest.mark.parametrize(
     "command",
