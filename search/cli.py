@@ -31,7 +31,8 @@ def _finish(study, console: Console) -> None:
 
 
 def _run_and_finish(cfg) -> None:
-    from mergetune.search.driver import RunInterrupted, run_study
+    from mergetune.search.driver import run_study
+    from mergetune.search.stopping import RunInterrupted
 
     console = Console()
     try:

@@ -73,12 +73,6 @@ def driver_records(user_attrs: dict) -> list[DriverRecord]:
     return sorted(records, key=lambda r: r.started)
 
 
-def live_records(user_attrs: dict, now: float | None = None) -> list[DriverRecord]:
-    """Drivers whose last beat is within their grace period by this machine's clock (for `status`)."""
-    now = time.time() if now is None else now
-    return [r for r in driver_records(user_attrs) if r.stopped is None and now - r.beat <= r.grace_s]
-
-
 @dataclass
 class Heartbeat:
     """This driver's record: written at start, every `interval_s` while it runs, and once more at stop."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from optuna.trial import TrialState
 
 from test_driver import FakeWorker, quiet, states, study_config
 
-from mergetune.core.errors import ConfigError, MergetuneError
+from mergetune.core.errors import ConfigError
 from mergetune.search.driver import run_study
 from mergetune.studies.storage import StorageError, StorageRetry
 from mergetune.studies.store import open_study
