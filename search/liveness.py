@@ -36,6 +36,7 @@ from mergetune.search.config import StudyConfig
 from mergetune.studies.storage import StorageRetry
 
 DRIVER_ATTR_PREFIX = "driver:"
+STOP_RETRY_S = 5.0
 
 
 @dataclass
@@ -114,9 +115,11 @@ class Heartbeat:
         self._last = now
 
     def stop(self) -> None:
+        """Mark this driver stopped, so others take its trials over at once; a storage that is down
+        gets a few seconds (then the record goes silent and the grace period does the same)."""
         self.record.in_flight = []
         self.record.stopped = self.clock()
-        self.storage(self.study.set_user_attr, self.record.key, asdict(self.record))
+        StorageRetry(window_s=STOP_RETRY_S)(self.study.set_user_attr, self.record.key, asdict(self.record))
 
 
 @dataclass
