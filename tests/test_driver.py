@@ -63,10 +63,12 @@ class FakeWorker:
 
 
 class GatedWorker(FakeWorker):
-    """A FakeWorker whose trials wait until the file `gate` exists; its `hang_after`+1-th trial never ends."""
+    """A FakeWorker whose trials wait until the file `gate` exists; after `hang_after` trials the next
+    never ends, after `fail_after` trials every one fails."""
 
     gate = ""
     hang_after: int | None = None
+    fail_after: int | None = None
     done = 0
 
     def run(self, recipe, seed):
@@ -74,6 +76,8 @@ class GatedWorker(FakeWorker):
             time.sleep(0.05)
         if self.hang_after is not None and self.done >= self.hang_after:
             time.sleep(3600)  # in flight until its driver is killed
+        if self.fail_after is not None and self.done >= self.fail_after:
+            return {"error": "RuntimeError: merge exploded"}
         self.done += 1
         return super().run(recipe, seed)
 
@@ -333,15 +337,24 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
-def test_a_stopped_driver_stops_the_ray_it_started(tmp_path, sig, code):
-    config = study_config(tmp_path, "own_ray", 40, ray={"workers": 1})  # no address: the driver starts its own Ray
-    driver = start_driver(tmp_path, config, delay=0.4)
+@pytest.mark.parametrize(
+    "stop, code",
+    [
+        (signal.SIGTERM, 143),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+        pytest.param("error", 2, marks=pytest.mark.slow),  # too many failed trials in a row
+    ],
+)
+def test_a_stopped_driver_stops_the_ray_it_started(tmp_path, stop, code):
+    budget = {"n_trials": 40, "max_consecutive_failures": 2}
+    config = study_config(tmp_path, "own_ray", 40, budget=budget, ray={"workers": 1})  # no address: its own Ray
+    driver = start_driver(tmp_path, config, delay=0.4, **({"fail_after": 2} if stop == "error" else {}))
     try:
         wait_for_complete(config, 2, timeout=180, driver=driver)
         ray_pids = ray_processes_of(driver.pid)
         assert len(ray_pids) >= 3  # gcs_server, raylet, the worker, ...
-        driver.send_signal(sig)
+        if stop != "error":
+            driver.send_signal(stop)
         assert driver.wait(timeout=60) == code, driver.log_path.read_text()[-3000:]
     finally:
         driver.kill()
