@@ -20,7 +20,8 @@ from rich.table import Table
 
 from mergetune.merge.recipe import Recipe
 from mergetune.search.config import load_study_config
-from mergetune.search.driver import run_study, stored_objectives
+from mergetune.search.bookkeeping import stored_objectives
+from mergetune.search.driver import run_study
 from mergetune.studies.scoring import score_recipes_on_split
 
 from _common import git_commit, mean, trials_per_hour, variant, wide_console  # benchmarks/, the script's own folder

@@ -42,7 +42,8 @@ from rich.table import Table
 
 from mergetune.merge.recipe import Recipe
 from mergetune.search.config import StudyConfig, load_study_config
-from mergetune.search.driver import open_storage, run_study
+from mergetune.search.driver import run_study
+from mergetune.studies.storage import open_storage
 from mergetune.search.space import SearchSpace, weight_param
 from mergetune.search.warmstart import baseline_params
 from mergetune.search.workers import TrialWorker
@@ -106,7 +107,7 @@ def run_cmaes_evolve(config: StudyConfig, console: Console) -> optuna.Study:
             x0={k: v for k, v in x0.items() if not k.endswith((".method", ".lambda"))}, sigma0=1 / 6, seed=config.seed,
             warn_independent_sampling=False,
         )  # fmt: skip
-    study = optuna.create_study(study_name=config.study, storage=open_storage(config.storage_url), direction="maximize")
+    study = optuna.create_study(study_name=config.study, storage=open_storage(config.storage_url, create=True), direction="maximize")
     study.enqueue_trial(x0)
     return run_study(config, console=console, worker_cls=MeanScoreWorker, sampler=sampler)
 

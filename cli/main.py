@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         # The message is user text (paths, `[low, high]`): never read as rich markup.
         Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # a Ctrl-C outside a study run: nothing to clean up
+        Console(stderr=True).print("interrupted", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

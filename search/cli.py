@@ -12,20 +12,36 @@ from rich.table import Table
 
 
 def _finish(study, console: Console) -> None:
+    """The run's last lines: trial counts, the Pareto front, the best trial (studies/front.py's one "best")."""
     from optuna.trial import TrialState
 
-    from mergetune.search.driver import count, front_table, stored_objectives
-    from mergetune.studies.front import best_vs_baselines
+    from mergetune.studies.front import best_vs_baselines, front_table, front_trials
 
-    objectives = stored_objectives(study)
+    counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
     console.print(
-        f"{study.study_name}: {count(study, TrialState.COMPLETE)} complete, {count(study, TrialState.PRUNED)} pruned, "
-        f"{count(study, TrialState.FAIL)} failed"
+        f"{study.study_name}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+        f"{counts[TrialState.FAIL]} failed",
+        highlight=False, markup=False,
     )
-    console.print(front_table(study, objectives))
+    if counts[TrialState.COMPLETE]:
+        console.print(front_table(study, front_trials(study)))
     line = best_vs_baselines(study)
     if line:
-        console.print(line)
+        console.print(line, highlight=False, markup=False)
+
+
+def _run_and_finish(cfg) -> None:
+    from mergetune.search.driver import run_study
+    from mergetune.search.stopping import RunInterrupted
+
+    console = Console()
+    try:
+        study = run_study(cfg, console=console)
+    except RunInterrupted as exc:
+        if exc.study is not None:
+            _finish(exc.study, console)
+        raise
+    _finish(study, console)
 
 
 def run(
@@ -34,9 +50,8 @@ def run(
     n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="finished trials to reach (COMPLETE + PRUNED)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray actors (trials in flight)"),
 ) -> None:
-    """Run a study (or continue the one of the same name) to its budget; print the Pareto front."""
+    """Run a study (or continue the one of the same name, or join the drivers already running it) to its budget."""
     from mergetune.search.config import load_study_config, parse_study_config
-    from mergetune.search.driver import run_study
 
     cfg = load_study_config(config)
     data = cfg.model_dump(mode="json")
@@ -46,64 +61,74 @@ def run(
         data["budget"]["n_trials"] = n_trials
     if workers is not None:
         data["ray"]["workers"] = workers
-    cfg = parse_study_config(data, str(config))
-    console = Console()
-    _finish(run_study(cfg, console=console), console)
-
-
-def _storage_url(study: str, storage: Optional[str]) -> str:
-    from mergetune.search.config import default_storage
-
-    return storage or default_storage(study)
+    _run_and_finish(parse_study_config(data, str(config)))
 
 
 def resume(
     study: str = typer.Option(..., "--study", help="study name"),
     storage: Optional[str] = typer.Option(None, "--storage", help="storage URL (default sqlite:///studies/NAME.db)"),
 ) -> None:
-    """Continue a study to its budget with the config stored in it (orphaned trials are re-run)."""
-    from mergetune.search.driver import load_study, run_study, stored_config
+    """Continue a study to its budget with the config stored in it (trials of stopped drivers are re-run)."""
+    from mergetune.search.bookkeeping import stored_config
+    from mergetune.studies.store import open_study
 
-    url = _storage_url(study, storage)
-    cfg = stored_config(load_study(study, url))
-    cfg = cfg.model_copy(update={"storage": url})
-    console = Console()
-    _finish(run_study(cfg, console=console), console)
+    opened = open_study(study, storage)  # never creates a storage or a study
+    cfg = stored_config(opened)
+    _run_and_finish(cfg.model_copy(update={"storage": storage}) if storage else cfg)
 
 
 def status(
     study: str = typer.Option(..., "--study", help="study name"),
     storage: Optional[str] = typer.Option(None, "--storage", help="storage URL (default sqlite:///studies/NAME.db)"),
 ) -> None:
-    """Trials done / failed / running, the best per objective, and an ETA to the budget."""
+    """Trials done / failed / running, the live drivers, the best trial and per objective, an ETA to the budget."""
+    import time
+
     from optuna.trial import TrialState
 
-    from mergetune.search.driver import count, load_study, stored_config, stored_objectives
+    from mergetune.search.bookkeeping import stored_config
+    from mergetune.search.liveness import driver_records
+    from mergetune.studies.front import best_vs_baselines, objective_names
+    from mergetune.studies.store import open_study
 
-    loaded = load_study(study, _storage_url(study, storage))
+    loaded = open_study(study, storage)
     cfg = stored_config(loaded)
-    objectives = stored_objectives(loaded)
-    console = Console()
-    done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    pruned = loaded.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    names = objective_names(loaded)
+    console = Console(highlight=False)
+    trials = loaded.get_trials(deepcopy=False)
+    by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
+    done, pruned = by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED]
     budget = cfg.budget.n_trials
     finished = f"{len(done) + len(pruned)}{f'/{budget}' if budget else ''}"
     summary = f"{finished} finished ({len(done)} complete, {len(pruned)} pruned)" if pruned else f"{finished} complete"
     console.print(
-        f"{study}: {summary}, "
-        f"{count(loaded, TrialState.FAIL)} failed, {count(loaded, TrialState.RUNNING)} running, "
-        f"{count(loaded, TrialState.WAITING)} queued"
+        f"{study}: {summary}, {len(by_state[TrialState.FAIL])} failed, {len(by_state[TrialState.RUNNING])} running, "
+        f"{len(by_state[TrialState.WAITING])} queued",
+        markup=False,
     )
+    now = time.time()
+    for record in driver_records(loaded.user_attrs):
+        if record.stopped is not None:
+            continue
+        age = now - record.beat
+        state = "live" if age <= record.grace_s else "silent (stopped without notice? its trials are re-run by the next driver)"
+        console.print(
+            f"driver {record.host} pid {record.pid}: {state}, {len(record.in_flight)} in flight, last beat {age:.0f} s ago",
+            markup=False,
+        )
     table = Table(title="best per objective")
     for column in ("objective", "best", "trial", "baseline"):
         table.add_column(column)
-    for i, objective in enumerate(objectives):
+    for i, name in enumerate(names):
         if not done:
             break
-        pick = max if objective.direction == "maximize" else min
+        pick = max if loaded.directions[i].name == "MAXIMIZE" else min
         best = pick(done, key=lambda t: t.values[i])
-        table.add_row(objective.name, f"{best.values[i]:.4f}", str(best.number), str(best.user_attrs.get("baseline", "")))
+        table.add_row(name, f"{best.values[i]:.4f}", str(best.number), str(best.user_attrs.get("baseline", "")))
     console.print(table)
+    line = best_vs_baselines(loaded)
+    if line:
+        console.print(line, markup=False)
     eta = _eta(done + pruned, budget)  # the budget counts PRUNED trials too
     if eta is not None:
         console.print(f"ETA to {budget} complete trials at the recent rate: {eta}")

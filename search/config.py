@@ -25,6 +25,7 @@ from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind
 from mergetune.merge.domains import param_domain
 from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
+from mergetune.studies.storage import STUDY_NAME_PATTERN, default_storage
 
 # Optuna's samplers seed numpy, which takes 0 <= seed < 2**32.
 MAX_SEED = 2**32 - 1
@@ -172,6 +173,9 @@ class RayConfig(_Strict):
     gpus_per_worker: float = Field(default=0, ge=0, description="1 places one actor per GPU")
     device: str | None = Field(default=None, description="torch device of the workers: cpu or cuda (default: cuda with GPUs)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    placement_timeout_s: float = Field(
+        default=600, gt=0, description="how long a joined cluster may take to offer every worker its resources"
+    )
 
     @field_validator("device")
     @classmethod
@@ -181,8 +185,22 @@ class RayConfig(_Strict):
         return value
 
 
+# --- several drivers on one study (search/liveness.py) ---
+class HeartbeatConfig(_Strict):
+    interval_s: float = Field(default=10, gt=0, description="how often a driver records that it is alive")
+    grace_s: float = Field(
+        default=60, gt=0, description="a RUNNING trial no live driver has claimed for this long is an orphan: FAIL, retried"
+    )
+
+    @model_validator(mode="after")
+    def _several_beats(self) -> HeartbeatConfig:
+        if self.grace_s < 3 * self.interval_s:
+            raise ValueError(f"grace_s must be at least 3 × interval_s ({3 * self.interval_s:g}), so one late beat is no death")
+        return self
+
+
 class StudyConfig(_Strict):
-    study: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="study name (also the default storage file name)")
+    study: str = Field(pattern=STUDY_NAME_PATTERN, description="study name (also the default storage file name)")
     zoo: str | None = Field(default=None, description="a zoo directory: fills models, moments and a quick evaluator")
     models: ModelsConfig | None = None
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -197,6 +215,7 @@ class StudyConfig(_Strict):
     storage_retry_s: float = Field(
         default=120, ge=0, description="how long an unreachable storage is retried (with backoff) before the run stops"
     )
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seeds the sampler; trial n's recipe gets seed + n")
     warm_start: bool = True
@@ -231,10 +250,6 @@ class StudyConfig(_Strict):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
-
-
-def default_storage(study: str) -> str:
-    return f"sqlite:///studies/{study}.db"
 
 
 def _expand_zoo(data: dict, source: str) -> dict:

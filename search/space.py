@@ -151,22 +151,45 @@ class SearchSpace:
     def uses_weights(self, method: str) -> bool:
         return method not in UNWEIGHTED_METHODS
 
+    def searched(self, group: str, method: str) -> list[tuple[str, str | None, str, tuple[float, float]]]:
+        """What `method` searches in `group`, in suggestion order: (param, expert or None, trial param name,
+        range); `weight` (one per expert) comes last for weighted methods."""
+        spec = get_method(method)
+        out: list[tuple[str, str | None, str, tuple[float, float]]] = []
+        for param in self.searched_params(method):
+            low_high = self._range(param, method)
+            name = f"{self._prefix(group, param)}.{method}.{param}"
+            if spec.params[param].per_model and param in self.search.per_expert:
+                out += [(param, e, f"{name}.{e}", low_high) for e in self.experts]
+            else:
+                out.append((param, None, name, low_high))
+        if self.uses_weights(method):
+            low_high = self._range(WEIGHT)
+            out += [(WEIGHT, e, weight_param(self._prefix(group, WEIGHT), e), low_high) for e in self.experts]
+        return out
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Every parameter a trial of this space can suggest, with its distribution: the study's search space."""
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        for group in self.groups:
+            out[f"{group.name}.method"] = optuna.distributions.CategoricalDistribution(self.methods)
+            for method in self.methods:
+                for _, _, name, (low, high) in self.searched(group.name, method):
+                    out[name] = optuna.distributions.FloatDistribution(low, high)
+        return out
+
     def _suggest_rule(self, trial: optuna.Trial, group: LayerGroup) -> Rule:
         method = trial.suggest_categorical(f"{group.name}.method", self.methods)
-        spec = get_method(method)
         params: dict[str, float | dict[str, float]] = {}
-        for param in self.searched_params(method):
-            low, high = self._range(param, method)
-            name = f"{self._prefix(group.name, param)}.{method}.{param}"
-            if spec.params[param].per_model and param in self.search.per_expert:
-                params[param] = {e: trial.suggest_float(f"{name}.{e}", low, high) for e in self.experts}
+        weights: dict[str, float] = {}
+        for param, expert, name, (low, high) in self.searched(group.name, method):
+            value = trial.suggest_float(name, low, high)
+            if param == WEIGHT:
+                weights[expert] = value
+            elif expert is not None:
+                params.setdefault(param, {})[expert] = value  # type: ignore[index]
             else:
-                params[param] = trial.suggest_float(name, low, high)
-        weights = {}
-        if self.uses_weights(method):
-            low, high = self._range("weight")
-            prefix = self._prefix(group.name, "weight")
-            weights = {e: trial.suggest_float(weight_param(prefix, e), low, high) for e in self.experts}
+                params[param] = value
         return Rule(match=list(group.match), layers=group.layers, method=method, params=params, weights=weights)
 
     def recipe(self, trial: optuna.Trial) -> Recipe:
@@ -185,20 +208,10 @@ class SearchSpace:
         params: dict[str, object] = {}
         for group in self.groups:
             params[f"{group.name}.method"] = method
-            for param in self.searched_params(method):
-                value = self._in_range(param, float(overrides.get(param, spec.params[param].default)), method)
-                name = f"{self._prefix(group.name, param)}.{method}.{param}"
-                if spec.params[param].per_model and param in self.search.per_expert:
-                    params.update({f"{name}.{e}": value for e in self.experts})
-                else:
-                    params[name] = value
-            if self.uses_weights(method):
-                weight = self._in_range(WEIGHT, 1.0)
-                params.update({weight_param(self._prefix(group.name, "weight"), e): weight for e in self.experts})
+            for param, _, name, (low, high) in self.searched(group.name, method):
+                value = 1.0 if param == WEIGHT else float(overrides.get(param, spec.params[param].default))
+                if not low <= value <= high:
+                    raise ValueError(f"{param} {value:g} lies outside search.ranges.{param} [{low:g}, {high:g}]")
+                params[name] = value
         return params
 
-    def _in_range(self, param: str, value: float, method: str | None = None) -> float:
-        low, high = self._range(param, method)
-        if not low <= value <= high:
-            raise ValueError(f"{param} {value:g} lies outside search.ranges.{param} [{low:g}, {high:g}]")
-        return value

@@ -1,15 +1,14 @@
 """Warm start: the classic merge recipes enqueued as a study's first trials.
 
 The front then starts at least at the baselines, and reports can show the gain over them
-(each such trial carries `user_attrs["baseline"]`). Enqueued with `skip_if_exists`, so a
-resumed study does not run them twice.
+(each such trial carries `user_attrs["baseline"]`). They are enqueued once per study, by the
+driver that created it (search/bookkeeping.py), so neither a resume nor a second driver runs
+them twice.
 """
 
 from __future__ import annotations
 
 import logging
-
-import optuna
 
 from mergetune.search.space import SearchSpace
 
@@ -38,12 +37,3 @@ def baseline_params(space: SearchSpace) -> list[tuple[str, dict[str, object]]]:
         except ValueError as exc:
             log.warning("warm start: baseline %s skipped: %s; widen the range to run it", name, exc)
     return out
-
-
-def enqueue_baselines(study: optuna.Study, space: SearchSpace) -> list[str]:
-    """Enqueue the baselines not yet in the study; returns their names."""
-    names = []
-    for name, params in baseline_params(space):
-        study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-        names.append(name)
-    return names

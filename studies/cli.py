@@ -20,7 +20,7 @@ def front(
     """Show the Pareto-optimal trials; with --evaluate test, their held-out scores and the gap."""
     from rich.console import Console
 
-    from mergetune.studies.front import front_table, front_trials, score_trials_on_split
+    from mergetune.studies.front import best_vs_baselines, front_table, front_trials, score_trials_on_split
     from mergetune.studies.store import open_study
 
     if evaluate not in (None, "test"):
@@ -29,7 +29,9 @@ def front(
     trials = front_trials(opened)
     if evaluate:
         score_trials_on_split(opened, trials, evaluate, device)
-    Console().print(front_table(opened, trials))
+    console = Console()
+    console.print(front_table(opened, trials))
+    console.print(best_vs_baselines(opened), markup=False, highlight=False)
 
 
 def export(

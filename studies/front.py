@@ -107,23 +107,32 @@ def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> Froz
     return max(front, key=lambda t: (scalarised(study, t, weights), -t.number))
 
 
+def best_scored(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
+    """The study's best trial — what `export --trial best` picks — and its weighted mean; None before
+    a COMPLETE trial. The progress bar, the run's last line, `status`, `front` and reports show this."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    best = pick_trial(study, "best")
+    return best, scalarised(study, best, configured_weights(study))
+
 
 def best_vs_baselines(study: optuna.Study) -> str | None:
-    """One line: the best trial (what `export --trial best` picks) against the best warm-start
-    baseline, by the weighted mean of the search scores; None before a COMPLETE baseline."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    weights = configured_weights(study)
-    baselines = [(scalarised(study, t, weights), t) for t in complete if t.user_attrs.get("baseline")]
-    if not baselines:
+    """One line: the best trial (`best_scored`) and, once one is COMPLETE, its gain over the best
+    warm-start baseline, by the weighted mean of the search scores; None before a COMPLETE trial."""
+    scored = best_scored(study)
+    if scored is None:
         return None
-    top_score, top = max(baselines, key=lambda pair: pair[0])
-    best = pick_trial(study, "best")
-    best_score = scalarised(study, best, weights)
-    return (
-        f"best trial #{best.number}: weighted mean {best_score:.4f} on the search split, "
-        f"{best_score - top_score:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number}); "
-        f"score it on test with `mergetune front --study {study.study_name} --evaluate test`"
-    )
+    best, best_score = scored
+    weights = configured_weights(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    baselines = [(scalarised(study, t, weights), t) for t in complete if t.user_attrs.get("baseline")]
+    line = f"best trial #{best.number}: weighted mean {best_score:.4f} on the search split"
+    if baselines:
+        top_score, top = max(baselines, key=lambda pair: (pair[0], -pair[1].number))
+        line += f", {best_score - top_score:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number})"
+    return line + f"; score it on test with `mergetune front --study {study.study_name} --evaluate test`"
+
 
 def trial_recipe(trial: FrozenTrial) -> Recipe:
     data = trial.user_attrs.get("recipe")

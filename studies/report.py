@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mergetune.core.errors import MergetuneError
 from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.studies.front import (
+    best_vs_baselines,
     front_trials,
     objective_names,
     recipe_summary,
@@ -175,6 +176,7 @@ def _html(study: optuna.Study, figures: list[tuple[str, object]], front: list[Fr
 </head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
 <p>{n} trials; objectives: {html.escape(', '.join(names))}.</p>
+<p>{html.escape(best_vs_baselines(study) or "")}</p>
 <h2>Pareto-optimal trials</h2>
 <table><tr>{head}</tr>{''.join(rows)}</table>
 {''.join(sections)}

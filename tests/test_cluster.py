@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from servers import start_ray_cluster
 from test_driver import states, study_config
 
-from mergetune.search.driver import load_study
+from mergetune.studies.store import open_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -71,7 +71,7 @@ def test_study_on_two_nodes_uses_both_and_reaches_its_budget(cluster, tmp_path):
     assert len(nodes) == 2
     second = next(node for node, resources in nodes.items() if "node2" in resources)
 
-    study = load_study("cluster", config.storage_url)
+    study = open_study("cluster", config.storage_url)
     assert states(study) == {TrialState.COMPLETE: 10}
     served = [t.user_attrs["node_id"] for t in study.get_trials()]
     assert set(served) == set(nodes)  # both nodes ran trials, and no other node did

@@ -7,6 +7,7 @@ driver (Ray actors, Optuna storage) and not the merge or the evaluator.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +20,11 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.search.config import parse_study_config
-from mergetune.search.driver import WorkerPool, load_study, run_study
+from mergetune.search.driver import run_study
+from mergetune.search.pool import WorkerPool
+from mergetune.studies.store import open_study
 
 import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
@@ -58,6 +62,26 @@ class FakeWorker:
         return {**placement(), "scores": self.scores(recipe), "timings": {"merge_s": 0.0, "eval_s": 0.0}}
 
 
+class GatedWorker(FakeWorker):
+    """A FakeWorker whose trials wait until the file `gate` exists; after `hang_after` trials the next
+    never ends, after `fail_after` trials every one fails."""
+
+    gate = ""
+    hang_after: int | None = None
+    fail_after: int | None = None
+    done = 0
+
+    def run(self, recipe, seed):
+        while self.gate and not os.path.exists(self.gate):
+            time.sleep(0.05)
+        if self.hang_after is not None and self.done >= self.hang_after:
+            time.sleep(3600)  # in flight until its driver is killed
+        if self.fail_after is not None and self.done >= self.fail_after:
+            return {"error": "RuntimeError: merge exploded"}
+        self.done += 1
+        return super().run(recipe, seed)
+
+
 class FlakyWorker(FakeWorker):
     """Every 4th seed raises in the 'merge', every 4th+1 scores NaN."""
 
@@ -83,6 +107,8 @@ def study_config(tmp_path, name, n_trials, workers=2, **extra):
         "storage": f"sqlite:///{tmp_path / 'studies.db'}",
         "ray": {"workers": workers},
         "sampler": {"m3_prior": {"n_startup": 6}},
+        # Short beats so tests of dead drivers wait seconds; long enough for a loaded 2-core machine.
+        "heartbeat": {"interval_s": 0.5, "grace_s": 6},
         **extra,
     }
     return parse_study_config(data, "test")
@@ -147,22 +173,29 @@ def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 8
 
 
-def start_driver(tmp_path, config, delay):
-    """A driver in a subprocess (joined to the test's Ray cluster) with slow stand-in workers."""
-    script = tmp_path / "driver.py"
+def start_driver(tmp_path, config, delay, name="driver", **worker_attrs):
+    """A driver in a subprocess (joined to the test's Ray cluster, unless `ray.address` is unset) with
+    slow stand-in workers; `worker_attrs` (gate, hang_after) make them GatedWorkers."""
+    script = tmp_path / f"{name}.py"
+    base = "GatedWorker" if worker_attrs else "FakeWorker"
+    attrs = "".join(f"\n            {k} = {v!r}" for k, v in {"delay": delay, **worker_attrs}.items())
     script.write_text(textwrap.dedent(f"""
         import sys, ray
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_driver
         from mergetune.search.config import parse_study_config
+        from mergetune.core.errors import MergetuneError
         from mergetune.search.driver import run_study
         ray.cloudpickle.register_pickle_by_value(test_driver)
-        class SlowWorker(test_driver.FakeWorker):
-            delay = {delay}
+        class SlowWorker(test_driver.{base}):{attrs}
         config = parse_study_config({config.model_dump(mode="json")!r}, "test")
-        run_study(config, worker_cls=SlowWorker)
+        try:
+            run_study(config, worker_cls=SlowWorker)
+        except MergetuneError as exc:  # as the CLI does: one line, its exit code (130 after Ctrl-C)
+            print(exc, file=sys.stderr)
+            sys.exit(exc.exit_code)
     """))
-    log_path = tmp_path / "driver.log"
+    log_path = tmp_path / f"{name}.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=log)
     driver.log_path = log_path  # wait_for_complete shows the driver's stderr when it fails
@@ -177,7 +210,7 @@ def wait_for_complete(config, n, timeout=90, driver=None):
         if driver is not None and driver.poll() is not None:
             break
         try:
-            study = load_study(config.study, config.storage_url)
+            study = open_study(config.study, config.storage_url)
         except Exception:
             continue
         if len(study.get_trials(states=(TrialState.COMPLETE,))) >= n:
@@ -194,7 +227,7 @@ def test_resume_after_kill_9_of_the_driver_ends_at_the_budget(ray_session, tmp_p
     finally:
         driver.kill()  # SIGKILL: no cleanup at all
         driver.wait()
-    before = states(load_study("killed", config.storage_url))
+    before = states(open_study("killed", config.storage_url))
     assert before.get(TrialState.COMPLETE, 0) >= 3 and before.get(TrialState.RUNNING, 0) >= 1
 
     resumed = run_study(config.model_copy(update={"ray": config.ray.model_copy(update={"address": None})}), console=quiet(), worker_cls=FakeWorker)
@@ -212,10 +245,10 @@ def test_ctrl_c_lets_in_flight_trials_finish_and_leaves_the_study_consistent(ray
     try:
         wait_for_complete(config, 2, driver=driver)
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=30) == 0
+        assert driver.wait(timeout=30) == 130  # scripts can tell an interrupted run from a finished one
     finally:
         driver.kill()
-    after = states(load_study("interrupted", config.storage_url))
+    after = states(open_study("interrupted", config.storage_url))
     assert TrialState.RUNNING not in after and TrialState.FAIL not in after
     assert 2 <= after[TrialState.COMPLETE] < 40
 
@@ -224,7 +257,7 @@ def test_journal_storage(ray_session, tmp_path):
     config = study_config(tmp_path, "journal", 5, storage=f"journal:///{tmp_path / 'j' / 'study.log'}")
     study = run_study(config, console=quiet(), worker_cls=FakeWorker)
     assert (tmp_path / "j" / "study.log").is_file()
-    assert states(load_study("journal", config.storage_url)) == {TrialState.COMPLETE: 5}
+    assert states(open_study("journal", config.storage_url)) == {TrialState.COMPLETE: 5}
     assert study.user_attrs["config"]["storage"].startswith("journal://")
 
 
@@ -237,3 +270,97 @@ def test_one_actor_per_logical_gpu(ray_session, tmp_path):
         pool.shutdown()
     assert sorted(p["gpu_ids"][0] for p in placed) == ["0", "1"]
     assert sorted(p["cuda_visible_devices"] for p in placed) == ["0", "1"]
+
+
+def test_gpus_that_are_not_there_are_one_line_before_ray_starts(tmp_path):
+    config = study_config(tmp_path, "nogpu", 2, ray={"workers": 2, "gpus_per_worker": 1})
+    with pytest.raises(ConfigError, match="2 worker\\(s\\) × 1 GPU need 2 GPU\\(s\\), this machine shows 0"):
+        run_study(config, console=quiet(), worker_cls=FakeWorker)
+    assert not (tmp_path / "studies.db").exists()  # nothing written either
+
+
+def test_a_joined_cluster_without_the_resources_stops_after_the_placement_timeout(ray_session, tmp_path):
+    # The test's Ray has 2 logical GPUs; a worker asking for 3 can never be placed there.
+    config = study_config(tmp_path, "toobig", 2, ray={"workers": 1, "gpus_per_worker": 3, "address": ray_session, "placement_timeout_s": 2})
+    started = time.monotonic()
+    with pytest.raises(MergetuneError, match="did not offer 1 worker\\(s\\) × CPU 1, GPU 3 within 2 s \\(it has CPU 2, GPU 2\\)"):
+        run_study(config, console=quiet(), worker_cls=FakeWorker)
+    assert time.monotonic() - started < 60
+
+
+class TradeOffWorker(FakeWorker):
+    """Scores whose weighted sum and weighted mean rank the same but differ in value (b = (1 - a)²)."""
+
+    def scores(self, recipe):
+        a = super().scores(recipe)["a"]
+        return {"a": a, "b": (1.0 - a) ** 2}
+
+
+def test_progress_bar_final_line_and_export_agree_on_the_best_trial(ray_session, tmp_path):
+    from mergetune.search.cli import _finish
+    from mergetune.studies.front import pick_trial
+
+    console = Console(record=True, width=250, force_terminal=False)
+    study = run_study(study_config(tmp_path, "best", 10), console=console, worker_cls=TradeOffWorker)
+    _finish(study, console)
+    text = console.export_text()
+    progress = re.search(r"best (\d\.\d{4}) \(#(\d+)\)", text)
+    final = re.search(r"best trial #(\d+): weighted mean (\d\.\d{4})", text)
+    assert progress and final, text
+    exported = pick_trial(study, "best")  # what `export --trial best` exports
+    assert progress.group(2) == final.group(1) == str(exported.number)
+    assert progress.group(1) == final.group(2) == f"{sum(exported.values) / 2:.4f}"
+
+
+def ray_processes_of(pid: int) -> list[int]:
+    """The descendants of `pid` (its local Ray: gcs_server, raylet, agents, workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize(
+    "stop, code",
+    [
+        (signal.SIGTERM, 143),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+        pytest.param("error", 2, marks=pytest.mark.slow),  # too many failed trials in a row
+    ],
+)
+def test_a_stopped_driver_stops_the_ray_it_started(tmp_path, stop, code):
+    budget = {"n_trials": 40, "max_consecutive_failures": 2}
+    config = study_config(tmp_path, "own_ray", 40, budget=budget, ray={"workers": 1})  # no address: its own Ray
+    driver = start_driver(tmp_path, config, delay=0.4, **({"fail_after": 2} if stop == "error" else {}))
+    try:
+        wait_for_complete(config, 2, timeout=180, driver=driver)
+        ray_pids = ray_processes_of(driver.pid)
+        assert len(ray_pids) >= 3  # gcs_server, raylet, the worker, ...
+        if stop != "error":
+            driver.send_signal(stop)
+        assert driver.wait(timeout=60) == code, driver.log_path.read_text()[-3000:]
+    finally:
+        driver.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(p) for p in ray_pids):
+        time.sleep(0.5)
+    assert not [p for p in ray_pids if alive(p)], "processes of the driver's Ray outlived it"
+    after = states(open_study("own_ray", config.storage_url))
+    assert TrialState.RUNNING not in after and 2 <= after[TrialState.COMPLETE] < 40

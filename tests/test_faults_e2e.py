@@ -24,7 +24,8 @@ from test_faults import assert_consistent
 
 from mergetune.cli.main import main
 from mergetune.search.config import parse_study_config
-from mergetune.search.driver import load_study, run_study
+from mergetune.search.driver import run_study
+from mergetune.studies.store import open_study
 from mergetune.search.workers import TrialWorker
 
 import ray  # a runtime dependency: a missing Ray must fail, not skip
@@ -112,7 +113,7 @@ def killed_study(zoo, ray_session, tmp_path_factory):
 def test_worker_kill_9_mid_merge_fails_its_trial_retries_it_once_and_the_study_completes(killed_study):
     study, url, marker = killed_study
     assert marker.exists()
-    study = load_study(study.study_name, url)  # what the storage holds, not the driver's copy
+    study = open_study(study.study_name, url)  # what the storage holds, not the driver's copy
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1 and failed[0].user_attrs["fail_reason"].startswith("worker died")
     retries = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == failed[0].number]
@@ -155,7 +156,7 @@ def test_damaged_expert_stops_run_before_any_trial_with_one_line(zoo, tmp_path, 
     assert len(lines) == 1 and message in lines[0] and str(broken) in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     try:
-        study = load_study("damaged", data["storage"])
+        study = open_study("damaged", data["storage"])
     except Exception:  # noqa: BLE001 (no study at all is the expected outcome too)
         return
     assert study.get_trials() == []

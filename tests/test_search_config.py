@@ -74,10 +74,10 @@ def test_zoo_shortcut_refuses_a_directory_that_is_not_a_zoo(tmp_path):
 
 
 def test_a_storage_url_without_its_database_driver_names_the_package():
-    from mergetune.search.driver import open_storage
+    from mergetune.studies.storage import open_storage
 
     with pytest.raises(ConfigError, match="mysql\\+pymysql URLs need the Python package pymysql"):
-        open_storage("mysql+pymysql://user@127.0.0.1/db")
+        open_storage("mysql+pymysql://user@127.0.0.1/db", create=True)
 
 
 def test_the_whole_study_config_validates_without_torch():

@@ -6,7 +6,9 @@ import pytest
 from mergetune.core.errors import ConfigError
 from mergetune.search.config import parse_study_config
 from mergetune.search.space import SearchSpace, layer_groups
-from mergetune.search.warmstart import baseline_params, enqueue_baselines
+from mergetune.search.bookkeeping import enqueue_once, space_change
+from mergetune.search.warmstart import baseline_params
+from mergetune.studies.storage import StorageRetry
 
 
 def config(**search):
@@ -75,9 +77,11 @@ def test_shared_params_have_one_value_across_groups():
 def test_warm_start_trials_come_first_and_map_through_the_space():
     space = SearchSpace(config(), n_layers=4)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    names = enqueue_baselines(study, space)
+    retry = StorageRetry(window_s=0)
+    names = [name for name, params in baseline_params(space) if enqueue_once(study, retry, params, {"baseline": name})]
     assert names == ["uniform_average", "task_arithmetic", "task_arithmetic_tuned", "ties", "dare_ties"]
-    enqueue_baselines(study, space)  # a resumed study does not queue them twice
+    # a resumed study (or a second driver) does not queue them twice
+    assert not [name for name, params in baseline_params(space) if enqueue_once(study, retry, params, {"baseline": name})]
     for number, name in enumerate(names):
         trial = study.ask()
         recipe = space.recipe(trial)
@@ -147,3 +151,28 @@ def test_mergekits_newer_methods_are_searchable_with_their_own_ranges():
     assert all(0.1 <= r.params["select_topk"] <= 1 for r in seen["sce"])
     assert all(not r.weights for m in ("sce", "ram", "nearswap", "arcee_fusion") for r in seen.get(m, []))
     assert all(r.weights for r in seen["karcher"])  # karcher's weights are its mean's coefficients
+
+
+def test_the_space_names_every_distribution_a_trial_can_suggest():
+    space = SearchSpace(config(shared=["lambda"]), n_layers=4)
+    described = space.distributions()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = {}
+    for _ in range(60):
+        trial = study.ask()
+        space.recipe(trial)
+        study.tell(trial, 0.0)
+        seen.update(study.trials[-1].distributions)
+    assert seen == described  # every described parameter was drawn, with the same distribution
+
+
+def test_a_space_change_names_the_first_parameter_that_changed():
+    narrow = SearchSpace(config(methods=["linear", "ties"]), n_layers=4).distributions()
+    wide = SearchSpace(config(methods=["linear", "ties", "task_arithmetic"]), n_layers=4).distributions()
+    assert space_change(wide, wide) is None
+    assert space_change(narrow, wide) == "emb.method was one of linear, ties, now one of linear, ties, task_arithmetic"
+    ranged = SearchSpace(config(methods=["linear", "ties"], ranges={"lambda": [0.5, 1.0]}), n_layers=4).distributions()
+    assert space_change(narrow, ranged) == "emb.ties.lambda was in [0.2, 1.5], now in [0.5, 1]"
+    assert space_change(wide, narrow).endswith("now one of linear, ties")
+    fewer = {k: v for k, v in narrow.items() if not k.startswith("g1.")}
+    assert space_change(narrow, fewer) == "g1.method is no longer searched"

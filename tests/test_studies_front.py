@@ -80,10 +80,10 @@ def test_open_study_errors_name_what_exists(tmp_path, study):
 
 
 def test_journal_storage(tmp_path):
-    from mergetune.search.driver import open_storage
+    from mergetune.studies.storage import open_storage
 
     url = f"journal://{tmp_path}/j/log.jsonl"
-    make_study(open_storage(url), MODELS, n_trials=3, name="j")
+    make_study(open_storage(url, create=True), MODELS, n_trials=3, name="j")
     assert len(front_trials(open_study("j", url))) >= 1
 
 
