@@ -69,7 +69,7 @@ class TrialWorker:
         import torch
 
         from mergetune.evaluators.base import build_evaluator, load_backend
-        from mergetune.merge.modelset import ResidentModelSet
+        from mergetune.merge.resident import ResidentModelSet
 
         config = StudyConfig.model_validate_json(config_json)
         torch.set_num_threads(config.ray.cpus_per_worker)

@@ -17,7 +17,7 @@ def score_recipes_on_split(
 ) -> list[dict[str, float]]:
     """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
     from mergetune.evaluators.base import build_evaluator, load_backend
-    from mergetune.merge.modelset import ResidentModelSet
+    from mergetune.merge.resident import ResidentModelSet
     from mergetune.search.workers import load_modelset
 
     if isinstance(config, dict):
