@@ -128,6 +128,7 @@ class ResidentModelSet:
                 out = self._merge_tensor(name, plan, staged, seed)
                 computed = time.perf_counter()
                 sink.write(name, out)
+                del out  # before the next tensor's temporaries: one merged tensor alive at a time
             compute += computed - started
             write += time.perf_counter() - computed
         sink.close()

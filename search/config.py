@@ -134,6 +134,14 @@ class RayConfig(_Strict):
     gpus_per_worker: float = Field(default=0, ge=0, description="1 places one actor per GPU")
     device: str | None = Field(default=None, description="torch device of the workers (default: cuda with GPUs)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    resident: Literal["auto", "device", "host"] = Field(
+        default="auto",
+        description="where workers keep the inputs: on their device, in host memory shared per node (streamed "
+        "to the device per tensor), or auto (device when the memory plan fits with headroom, else host)",
+    )
+    gpu_memory_gb: float | None = Field(default=None, gt=0, description="GiB of each worker's GPU, for the memory plan (default: this machine's)")
+    host_memory_gb: float | None = Field(default=None, gt=0, description="GiB of each node's host memory, for the memory plan (default: this machine's)")
+    workers_per_node: int | None = Field(default=None, ge=1, description="workers on the fullest node, for the memory plan (default: this machine's count)")
 
 
 class StudyConfig(_Strict):

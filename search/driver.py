@@ -481,18 +481,21 @@ def run_study(
     `worker_cls` and `sampler` replace the TrialWorker and the configured sampler (tests, benchmarks)."""
     import ray
 
-    from mergetune.search.workers import TrialWorker, load_modelset
+    from mergetune.search.plan import checked_config
+    from mergetune.search.workers import TrialWorker
 
     console = console or Console()
     space = SearchSpace(config)
+    worker_config = config
     if worker_cls is None:
-        load_modelset(config)  # names/shapes/statistics checked before any worker starts
+        # Models, statistics and the memory plan are checked from headers before Ray or any worker starts.
+        worker_config = checked_config(config)
         worker_cls = TrialWorker
     workers = config.ray.workers
     started_ray = connect_ray(config, workers)
     pool = None
     try:
-        pool = WorkerPool(worker_cls, config, workers)
+        pool = WorkerPool(worker_cls, worker_config, workers)
         objectives = resolve_objectives(config, pool)
         sampler = sampler or make_sampler(config.sampler, config.experts, config.seed, len(objectives))
         retry = StorageRetry(config.storage_retry_s)
