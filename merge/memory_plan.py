@@ -281,8 +281,11 @@ class _Context:
         if self.engine.kind == "vllm":
             itemsize = self.engine_itemsize or max(1, self.inputs.base_bytes // max(self.inputs.base_elements, 1))
             return _vllm_minimum(self.inputs, self.engine, itemsize)
-        weights = self.engine_weights()
-        return weights + weights // 10 + GiB // 4  # activations of a scoring batch (estimate)
+        return self.engine_weights() + self.hf_activations()
+
+    def hf_activations(self) -> int:
+        """Activations of one HF scoring batch next to the live model (estimate)."""
+        return self.engine_weights() // 10 + GiB // 4
 
     def share(self, plan: MemoryPlan) -> float:
         """What the plan uses of the worker's device (CPU workers: of the node), with vLLM at its minimum."""
@@ -319,7 +322,8 @@ class _Context:
         all_inputs = i.weights_bytes + i.stats_bytes
         worker = {
             "process": WORKER_PROCESS_BYTES["cpu"],
-            "engine": self.engine_minimum(),
+            "engine": self.engine_weights(),
+            "eval_activations": self.hf_activations(),
             "resident_inputs": all_inputs if placement == "device" else 0,
             "workspace": self.workspace,
             "summaries": 0,  # per-tensor order statistics kept at load (none yet)
@@ -364,14 +368,16 @@ class _Context:
             plan.reason = "the memory of the workers' GPUs is unknown here (no GPU); pass --gpu-memory GiB or set ray.gpu_memory_gb"
             return plan
         usable = gpu * (1 - DEVICE_HEADROOM)
-        utilization, set_by_plan, engine = None, False, minimum
+        utilization, set_by_plan = None, False
         if e.kind == "vllm":
             # vLLM takes its share first; the merge lives in the rest (see `engine` vs the other parts).
             utilization = e.gpu_memory_utilization
             if utilization is None:
                 utilization, set_by_plan = max(0.0, math.floor((usable - our_total) / gpu * 100) / 100), True
             engine = max(int(utilization * gpu), minimum)  # below its minimum vLLM cannot start: count what it needs
-        worker = {"engine": engine, **ours}
+            worker = {"engine": engine, **ours}
+        else:
+            worker = {"engine": self.engine_weights(), "eval_activations": self.hf_activations(), **ours}
         plan = MemoryPlan(
             True, placement, requested, None, worker, node, m, utilization, set_by_plan, inputs=self._common(), workspace=self.per_method
         )
