@@ -26,7 +26,7 @@ from mergetune.merge.method_memory import method_peak_buffers
 from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, stored_entries
-from mergetune.merge.resident import CHUNK_ELEMENTS, largest_stat, largest_tensor
+from mergetune.merge.resident import largest_stat, largest_tensor, workspace_roles
 
 GiB = 1024**3
 DEVICE_HEADROOM = 0.05  # of each GPU kept free: allocator fragmentation, CUDA graphs, drivers
@@ -199,19 +199,14 @@ def workspace_bytes(modelset: ModelSet, methods: list[MethodUse], inputs: _Input
     inputs = inputs or _Inputs.of(modelset)
     k = len(modelset.experts)
     largest = inputs.largest_elements * 4
-    chunk = min(inputs.largest_elements, CHUNK_ELEMENTS) * 4
     roles: dict[object, int] = {}
     transient, per_method = 0, {}
     for use in methods:
-        if use.name in FIXED_COMBINATIONS:
-            needs = {"out": largest, "chunk.base": chunk, **{("chunk.input", i): chunk for i in range(k)}}
-            peak = 0
-        else:
-            stats = _stat_kinds(use.name, modelset)
-            needs = {"base": largest, **{("input", i): largest for i in range(k)}}
-            for kind in stats:
-                needs.update({("stat", kind, i): inputs.stat_elements.get(kind, 0) * 4 for i in range(k)})
-            peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params) * largest) for params in use.params)
+        combination = use.name in FIXED_COMBINATIONS
+        stats = () if combination else _stat_kinds(use.name, modelset)
+        elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
+        needs = {role: n * 4 for role, n in workspace_roles(combination, k, elements, inputs.largest_elements).items()}
+        peak = 0 if combination else max(math.ceil(method_peak_buffers(use.name, k, stats, params) * largest) for params in use.params)
         roles.update(needs)
         transient = max(transient, peak)
         per_method[use.name] = sum(needs.values()) + peak

@@ -204,6 +204,11 @@ class ResidentInputs:
         self._stager = HostToDevice(self.device) if stage else None
         self._pending: dict[tuple[Key, ...], tuple[int, Future]] = {}
 
+    @property
+    def tensors(self) -> dict[Key, Tensor]:
+        """Every stored tensor held, by (file, entry)."""
+        return dict(self._tensors)
+
     def stored(self, key: Key) -> Tensor:
         """The stored tensor where it lives (device memory, or the host mapping)."""
         return self._tensors[key]

@@ -43,6 +43,23 @@ def largest_stat(modelset: ModelSet, kind: str) -> int:
     return max((math.prod(stats.shape(key)) for stats in modelset.stats[kind].values() for key in stats.keys()), default=0)
 
 
+def workspace_roles(combination: bool, experts: int, stat_elements: dict[str, int], largest: int) -> dict[object, int]:
+    """The float32 buffers (role → elements) a rule allocates in the workspace, kept for the worker's life.
+
+    A method gets the base, each expert's input and each statistic at the largest tensor's size.
+    A fixed linear combination gets its output at that size and slices of `CHUNK_ELEMENTS`
+    for its inputs — the method's own buffers when no tensor is larger than one slice.
+    """
+    if combination:
+        chunk = min(largest, CHUNK_ELEMENTS)
+        prefix = "" if chunk == largest else "chunk."
+        return {"out": largest, prefix + "base": chunk, **{(prefix + "input", k): chunk for k in range(experts)}}
+    roles: dict[object, int] = {"base": largest, **{("input", k): largest for k in range(experts)}}
+    for kind, elements in stat_elements.items():
+        roles.update({("stat", kind, k): elements for k in range(experts)})
+    return roles
+
+
 class Workspace:
     """Reusable float32 buffers on the device, one per role, each allocated once at the size it will ever need."""
 
@@ -166,17 +183,17 @@ class ResidentModelSet:
         ms = self.modelset
         info = ms.reference.infos[name]
         n, has_base = info.numel, ms.base is not None
-        out = self.workspace.buffer("out", self._largest)
-        chunk = min(self._largest, CHUNK_ELEMENTS)
+        roles = list(workspace_roles(True, len(plan.experts), {}, self._largest).items())  # out, base, inputs
+        out, (base_role, chunk), inputs_roles = self.workspace.buffer(*roles[0]), roles[1], roles[2:]
         base_key = self._weight(ms.base, name) if has_base else None
         expert_keys = [self._weight(ms.experts[e], name) for e in plan.experts]
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             size = stop - start
-            base = staged.fill(self.workspace.buffer("chunk.base", chunk)[:size], base_key, start, stop) if has_base else None
+            base = staged.fill(self.workspace.buffer(base_role, chunk)[:size], base_key, start, stop) if has_base else None
             inputs = []
-            for k, key in enumerate(expert_keys):
-                t = staged.fill(self.workspace.buffer(("chunk.input", k), chunk)[:size], key, start, stop)
+            for key, (role, _) in zip(expert_keys, inputs_roles):
+                t = staged.fill(self.workspace.buffer(role, chunk)[:size], key, start, stop)
                 inputs.append(t.sub_(base) if has_base else t)
             combine_into(out[start:stop], base, inputs, plan.combination)
         return out[:n].view(info.shape)

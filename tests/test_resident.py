@@ -204,7 +204,7 @@ def test_inputs_stay_in_their_stored_dtype_and_float32_is_one_tensor_at_a_time(b
     modelset = ModelSet.from_recipe(recipe)
     for placement in ("device", "host"):
         resident = ResidentModelSet.load(modelset, placement=placement)
-        stored = resident.inputs._tensors
+        stored = resident.inputs.tensors
         weights = [t for (path, _), t in stored.items() if path.name == "model.safetensors"]
         assert weights and {t.dtype for t in weights} == {torch.bfloat16}
         resident.merge_into(recipe, Collect(), seed=0)
@@ -225,7 +225,7 @@ def test_rank1_moments_stay_compressed_until_their_tensor_is_merged(bf16_models,
     )
     modelset = ModelSet.from_recipe(recipe)
     resident = ResidentModelSet.load(modelset, placement="device")
-    held = sum(t.numel() for (path, _), t in resident.inputs._tensors.items() if path.name.endswith(".rank1.safetensors"))
+    held = sum(t.numel() for (path, _), t in resident.inputs.tensors.items() if path.name.endswith(".rank1.safetensors"))
     full = sum(info.numel for info in modelset.reference.infos.values()) * len(EXPERTS)
     assert held < full / 5  # row and column sums, not the moments
     got = _resident(resident, recipe)
