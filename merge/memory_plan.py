@@ -27,6 +27,7 @@ from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, stored_entries
 from mergetune.merge.resident import largest_stat, largest_tensor, workspace_roles
+from mergetune.merge.ruleplan import COMBINATION_METHODS, stat_kinds
 
 GiB = 1024**3
 DEVICE_HEADROOM = 0.05  # of each GPU kept free: allocator fragmentation, CUDA graphs, drivers
@@ -38,7 +39,6 @@ VLLM_PROCESS_BYTES = 4 * GiB  # vLLM's engine-core process on the host (estimate
 VLLM_NON_TORCH_BYTES = 3 * GiB // 2  # vLLM's CUDA context, NCCL/cuBLAS workspaces, CUDA graphs (estimate)
 VLLM_DEFAULT_BATCHED_TOKENS = 8192
 VLLM_DEFAULT_SEQS = 256
-FIXED_COMBINATIONS = ("linear", "task_arithmetic")  # summed in place by the resident merge (see ruleplan.linear_combination)
 
 Placement = Literal["device", "host"]
 
@@ -181,14 +181,6 @@ class _Inputs:
         )
 
 
-def _stat_kinds(method: str, modelset: ModelSet) -> tuple[str, ...]:
-    """The statistics a method loads per tensor, as `ruleplan.plan_rule` decides them."""
-    spec = get_method(method)
-    experts = set(modelset.experts)
-    optional = tuple(kind for kind in sorted(spec.any_of) if set(modelset.stats[kind]) >= experts)
-    return (*sorted(spec.needs), *optional)
-
-
 def workspace_bytes(modelset: ModelSet, methods: list[MethodUse], inputs: _Inputs | None = None) -> tuple[int, int, dict[str, int]]:
     """(persistent, peak transient, per-method total) bytes of the resident merge's float32 workspace.
 
@@ -202,8 +194,9 @@ def workspace_bytes(modelset: ModelSet, methods: list[MethodUse], inputs: _Input
     roles: dict[object, int] = {}
     transient, per_method = 0, {}
     for use in methods:
-        combination = use.name in FIXED_COMBINATIONS
-        stats = () if combination else _stat_kinds(use.name, modelset)
+        combination = use.name in COMBINATION_METHODS
+        available = {kind: set(files) for kind, files in modelset.stats.items()}
+        stats = () if combination else stat_kinds(get_method(use.name), list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
         needs = {role: n * 4 for role, n in workspace_roles(combination, k, elements, inputs.largest_elements).items()}
         peak = 0 if combination else max(math.ceil(method_peak_buffers(use.name, k, stats, params) * largest) for params in use.params)

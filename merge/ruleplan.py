@@ -53,8 +53,8 @@ def plan_rule(i: int, rule: Rule, recipe: Recipe, available: dict[str, set[str]]
                 f"{where}: method '{rule.method}' needs {STAT_NAMES[kind]} for expert '{missing}'; "
                 + STAT_FIXES[kind].format(expert=missing)
             )
-    optional = tuple(kind for kind in sorted(spec.any_of) if all(e in available[kind] for e in experts))
-    if spec.any_of and not optional:
+    stats = stat_kinds(spec, experts, available)
+    if spec.any_of and not set(stats) & spec.any_of:
         wanted = " or ".join(STAT_NAMES[kind] for kind in sorted(spec.any_of))
         first = sorted(spec.any_of)[0]
         raise ModelSetError(
@@ -62,9 +62,15 @@ def plan_rule(i: int, rule: Rule, recipe: Recipe, available: dict[str, set[str]]
             + STAT_FIXES[first].format(expert=experts[0])
         )
     kwargs = spec.bind(rule.method_kwargs(recipe.experts), len(experts))
-    plan = RulePlan(i, rule, spec, experts, rule.weight_list(recipe.experts), kwargs, (*sorted(spec.needs), *optional))
+    plan = RulePlan(i, rule, spec, experts, rule.weight_list(recipe.experts), kwargs, stats)
     plan.combination = linear_combination(plan)
     return plan
+
+
+def stat_kinds(spec: MethodSpec, experts: list[str], available: dict[str, set[str]]) -> tuple[str, ...]:
+    """The statistics a method loads per tensor: all it needs, and each optional kind every expert has."""
+    optional = tuple(kind for kind in sorted(spec.any_of) if all(e in available[kind] for e in experts))
+    return (*sorted(spec.needs), *optional)
 
 
 def tensor_schedule(modelset: ModelSet, recipe: Recipe) -> list[tuple[str, RulePlan | None]]:
@@ -149,6 +155,9 @@ def combine_into(out: Tensor, base: Tensor | None, inputs: list[Tensor], combina
         if c != 0.0:
             out.add_(tensor, alpha=c)
     return out
+
+
+COMBINATION_METHODS = frozenset({"linear", "task_arithmetic"})  # see `linear_combination`
 
 
 def linear_combination(plan: RulePlan) -> tuple[float, list[float]] | None:

@@ -179,6 +179,8 @@ def test_run_refuses_a_study_that_cannot_fit_before_ray_starts(tiny_three, tmp_p
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(driver, "connect_ray", no_ray)
+    monkeypatch.setattr(driver, "WorkerPool", no_ray)
+    ray_was_running = ray.is_initialized()  # another test module's session may be up
     task = tmp_path / "t.jsonl"
     task.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     config = {
@@ -195,7 +197,7 @@ def test_run_refuses_a_study_that_cannot_fit_before_ray_starts(tiny_three, tmp_p
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and len(err.splitlines()) == 1
     assert "does not fit" in err and "of host memory" in err and "usable" in err
-    assert not ray.is_initialized() and not (tmp_path / "s.db").exists()
+    assert ray.is_initialized() == ray_was_running and not (tmp_path / "s.db").exists()
 
 
 def test_after_the_engine_starts_the_worker_checks_the_gpu_has_room(llama8b, tmp_path, monkeypatch):
