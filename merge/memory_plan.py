@@ -25,7 +25,7 @@ import torch
 from mergetune.merge.method_memory import method_peak_buffers
 from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
-from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, stored_entries
+from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, Placement, stored_entries
 from mergetune.merge.resident import largest_stat, largest_tensor, workspace_roles
 from mergetune.merge.ruleplan import COMBINATION_METHODS, stat_kinds
 
@@ -39,9 +39,6 @@ VLLM_PROCESS_BYTES = 4 * GiB  # vLLM's engine-core process on the host (estimate
 VLLM_NON_TORCH_BYTES = 3 * GiB // 2  # vLLM's CUDA context, NCCL/cuBLAS workspaces, CUDA graphs (estimate)
 VLLM_DEFAULT_BATCHED_TOKENS = 8192
 VLLM_DEFAULT_SEQS = 256
-
-Placement = Literal["device", "host"]
-
 
 def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
@@ -120,6 +117,17 @@ class MemoryPlan:
             "inputs": self.inputs,
             "workspace_by_method": dict(self.workspace),
         }
+
+    def summary(self) -> str:
+        """One line: placement, per worker and per node against what they have, vLLM's share."""
+        has = f" of {gib(self.machine.gpu_bytes)}" if self.machine.device == "cuda" and self.machine.gpu_bytes else ""
+        line = (
+            f"{self.placement} placement; per worker {gib(self.device_bytes)}{has}; per node "
+            f"{gib(self.host_bytes)} of {gib(self.machine.host_bytes)} ({self.machine.workers_per_node} workers)"
+        )
+        if self.gpu_memory_utilization is not None:
+            line += f"; vLLM gpu_memory_utilization {self.gpu_memory_utilization:.2f}"
+        return line
 
     def lines(self) -> list[str]:
         """A short human-readable report."""

@@ -112,10 +112,9 @@ def plan_study(
 def checked_config(config: StudyConfig) -> StudyConfig:
     """`config` with its placement and vLLM share decided by the plan; MemoryPlanError when it cannot fit."""
     plan = plan_study(config)
-    for line in plan.lines():
-        log.info("memory plan: %s", line)
     if not plan.fits:
         raise MemoryPlanError(f"the study does not fit: {plan.reason} (see `mergetune plan CONFIG`)")
+    log.info("memory plan: %s", plan.summary())
     data = config.model_dump(mode="json")
     data["ray"]["resident"] = plan.placement
     if plan.utilization_set_by_plan:

@@ -210,3 +210,26 @@ def test_after_the_engine_starts_the_worker_checks_the_gpu_has_room(llama8b, tmp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GiB, 80 * GiB))
     with pytest.raises(MemoryPlanError, match=r"10\.0 GiB of cuda:0 is free but the merge needs 3\d\.\d GiB"):
         check_device_room(config, "cuda:0")
+
+
+def test_plan_of_a_small_cpu_study_keeps_the_inputs_on_the_workers(tiny_three, tmp_path, capsys):
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    config = {
+        "study": "small",
+        "models": {"base": tiny_three["base"], "experts": {"math": tiny_three["math"], "code": tiny_three["code"]}},
+        "evaluator": {"kind": "quick", "tasks": {"t": {"search": str(task), "test": str(task), "max_new_tokens": 2}}},
+        "ray": {"workers": 2, "host_memory_gb": 16},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(path)])
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "placement: device (asked: auto)" in out and out.strip().endswith("fits")
+    code, plan, _ = run_plan(capsys, path)
+    inputs = sum(p.stat().st_size - 8 - int.from_bytes(p.read_bytes()[:8], "little") for p in (Path(tiny_three[m]) / "model.safetensors" for m in ("base", "math", "code")))
+    worker = plan["breakdown"]["per_worker"]
+    assert code == 0 and worker["resident_inputs"] == inputs  # every worker its own copy: small enough
+    assert plan["per_node"]["host_bytes"] == 2 * plan["per_worker"]["device_bytes"]
