@@ -26,7 +26,7 @@ from mergetune.merge.method_memory import method_peak_buffers
 from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, Placement, stored_entries
-from mergetune.merge.resident import largest_stat, largest_tensor, workspace_roles
+from mergetune.merge.resident import chunk_elements, largest_stat, largest_tensor, workspace_roles
 from mergetune.merge.ruleplan import COMBINATION_METHODS, stat_kinds
 
 GiB = 1024**3
@@ -189,7 +189,9 @@ class _Inputs:
         )
 
 
-def workspace_bytes(modelset: ModelSet, methods: list[MethodUse], inputs: _Inputs | None = None) -> tuple[int, int, dict[str, int]]:
+def workspace_bytes(
+    modelset: ModelSet, methods: list[MethodUse], device: str = "cuda", inputs: _Inputs | None = None
+) -> tuple[int, int, dict[str, int]]:
     """(persistent, peak transient, per-method total) bytes of the resident merge's float32 workspace.
 
     Persistent: the reusable buffers every method of the space allocates at the largest
@@ -206,7 +208,8 @@ def workspace_bytes(modelset: ModelSet, methods: list[MethodUse], inputs: _Input
         available = {kind: set(files) for kind, files in modelset.stats.items()}
         stats = () if combination else stat_kinds(get_method(use.name), list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
-        needs = {role: n * 4 for role, n in workspace_roles(combination, k, elements, inputs.largest_elements).items()}
+        roles_here = workspace_roles(combination, k, elements, inputs.largest_elements, chunk_elements(device))
+        needs = {role: n * 4 for role, n in roles_here.items()}
         peak = 0 if combination else max(math.ceil(method_peak_buffers(use.name, k, stats, params) * largest) for params in use.params)
         roles.update(needs)
         transient = max(transient, peak)
@@ -244,7 +247,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan for `placement` ("auto": device when that fits with headroom, else host); see the module docstring."""
     inputs = _Inputs.of(modelset)
-    persistent, transient, per_method = workspace_bytes(modelset, methods, inputs)
+    persistent, transient, per_method = workspace_bytes(modelset, methods, machine.device, inputs)
     context = _Context(modelset, inputs, engine, machine, persistent + transient, per_method, random_methods)
     if placement != "auto":
         return context.plan(placement, placement)

@@ -162,7 +162,7 @@ def test_the_workspace_the_plan_counts_is_what_a_resident_merge_allocates(tiny_t
     params = {"density": 0.5} if method not in ("linear", "task_arithmetic") else {}
     recipe = Recipe.from_dict({"models": tiny_three, "base": "base", "rules": [{"method": method, "params": params}]})
     modelset = ModelSet.from_recipe(recipe)
-    planned = workspace_bytes(modelset, [MethodUse(method, (tuple(params.items()),))])[2][method]
+    planned = workspace_bytes(modelset, [MethodUse(method, (tuple(params.items()),))], device="cpu")[2][method]
     live = AutoModelForCausalLM.from_pretrained(tiny_three["base"])
     resident = ResidentModelSet.load(modelset)
     with PeakAllocations() as tracker:

@@ -165,7 +165,7 @@ def _assert_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
 @pytest.fixture
 def small_chunks_and_slabs(monkeypatch):
     """Chunks that do not divide the tensors, slabs that take only small tensors, pieces of a few KB."""
-    monkeypatch.setattr(resident_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setitem(resident_module.CHUNK_ELEMENTS, "cpu", 1000)
     monkeypatch.setattr(placement_module, "SLAB_BYTES", 40_000)
     monkeypatch.setattr(placement_module, "PIECE_BYTES", 3_000)
 
