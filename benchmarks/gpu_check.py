@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mergetune.evaluators.base import HFBackend, build_evaluator
     from mergetune.evaluators.vllm import VLLMBackend
     from mergetune.evaluators.vllm_push import reset_prefix_cache_confirmed, rpc
-    from mergetune.merge.modelset import ModelSet, ResidentModelSet
+    from mergetune.merge.modelset import ModelSet
+    from mergetune.merge.resident import ResidentModelSet
     from mergetune.merge.recipe import Recipe
     from mergetune.zoo.build import build_zoo
 

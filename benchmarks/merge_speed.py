@@ -5,7 +5,7 @@ in a temp dir, then measures in one run:
   (a) disk to disk, each merge in a fresh subprocess (wall time of the merge call, peak RSS from
       VmHWM): mergetune `merge_recipe_to_dir` vs mergekit 0.1.5 `run_merge`, for
       task_arithmetic and ties (density 0.5) — ties once the method library registers it;
-  (b) the resident re-merge into a live model (`ResidentModelSet.merge_into`, the per-trial cost);
+  (b) the resident re-merge into a live model (`resident.ResidentModelSet.merge_into`, the per-trial cost);
   (c) the floor: bytes that must be read (base + experts) and written (the merge) ÷ the memory
       bandwidth of a large torch copy.
 Both tools compute in float32 and write bfloat16, with the same thread count.
@@ -149,7 +149,8 @@ def resident_timings(root: Path, methods: list[str], repeats: int) -> dict[str, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergetune.merge.modelset import ModelSet, ResidentModelSet
+    from mergetune.merge.modelset import ModelSet
+    from mergetune.merge.resident import ResidentModelSet
     from mergetune.merge.recipe import Recipe
     from mergetune.merge.sinks import LiveModelSink
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from _common import git_commit  # benchmarks/, the script's own folder
 from mergetune.evaluators.base import HFBackend, build_evaluator
-from mergetune.merge.modelset import ResidentModelSet
+from mergetune.merge.resident import ResidentModelSet
 from mergetune.merge.recipe import Recipe
 from mergetune.search.config import parse_study_config
 from mergetune.search.workers import load_modelset

@@ -3,7 +3,8 @@
 Disk to disk (`merge_recipe_to_dir`, the `mergetune merge` command) it holds one tensor per
 model at a time, read lazily at the offsets of the safetensors headers (single-file or sharded
 with an index json), and writes through `SafetensorsSink` into a temp dir renamed at the end. Tensors no rule matches
-keep the base model's value. The search's in-memory variant is `modelset.ResidentModelSet`.
+keep the base model's value. The search's in-memory variant is `resident.ResidentModelSet`; both
+run each tensor through `ruleplan.merge_inputs` with the same float32 inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import torch
 from mergetune.core.errors import ConfigError
 from mergetune.core.fs import atomic_output_dir
 from mergetune.core.versions import package_versions
-from mergetune.merge.modelset import GlobalThresholds, ModelSet, complete_stats, merge_tensor
+from mergetune.merge.modelset import ModelSet
+from mergetune.merge.reader import open_reader
+from mergetune.merge.ruleplan import complete_stats, merge_inputs, tensor_schedule
+from mergetune.merge.thresholds import GlobalThresholds
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.sinks import SafetensorsSink, Sink
 
@@ -63,9 +67,10 @@ def merge_modelset(
 ) -> dict[str, float]:
     """Stream every tensor of the model set through the recipe into `sink` (closed at the end); returns timings."""
     check_device(device)
-    schedule = modelset.plan(recipe)
+    schedule = tensor_schedule(modelset, recipe)
+    has_base = modelset.base is not None
     read = compute = write = 0.0
-    with modelset.reader(device) as reader:
+    with open_reader(modelset, device) as reader:
         thresholds = GlobalThresholds(reader.scores)
         for name, plan in schedule:
             started = time.perf_counter()
@@ -73,16 +78,13 @@ def merge_modelset(
                 out = reader.raw(modelset.reference, name)
                 loaded = time.perf_counter()
             else:
-                base = reader.tensor(modelset.base, name) if modelset.base is not None else None
-                models = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
+                base = reader.tensor(modelset.base, name) if has_base else None
+                inputs = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
                 stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
                 loaded = time.perf_counter()
-                if base is not None and plan.spec.needs_base:
-                    # Methods over task vectors get them made in place from the freshly read tensors.
-                    deltas = [m.sub_(base) for m in models]
-                    out = merge_tensor(plan, name, base, None, deltas, stats, seed, thresholds)
-                else:
-                    out = merge_tensor(plan, name, base, models, None, stats, seed, thresholds)
+                if plan.uses_deltas(has_base):
+                    inputs = [m.sub_(base) for m in inputs]  # task vectors made in place from the fresh reads
+                out = merge_inputs(plan, name, base, inputs, stats, seed, thresholds)
             computed = time.perf_counter()
             sink.write(name, out)
             read += loaded - started
@@ -132,7 +134,7 @@ def merge_recipe_to_dir(
     seed = recipe.seed if seed is None else seed
     check_device(device)
     modelset = ModelSet.from_recipe(recipe, strict=strict)
-    modelset.plan(recipe)
+    tensor_schedule(modelset, recipe)
     layout = output_layout(modelset, recipe.dtype)
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force=force) as tmp:

@@ -29,12 +29,16 @@ def rank1_factors(v: Tensor) -> tuple[Tensor, Tensor]:
     return v.sum(dim=1), v.sum(dim=0)
 
 
-def rank1_reconstruct(row_sums: Tensor, col_sums: Tensor) -> Tensor:
-    """V̂ = r cᵀ / Σr; all zeros when the total is 0."""
+def rank1_reconstruct(row_sums: Tensor, col_sums: Tensor, out: Tensor | None = None) -> Tensor:
+    """V̂ = r cᵀ / Σr (into `out` when given); all zeros when the total is 0."""
     total = row_sums.sum()
     if total <= 0:
+        if out is not None:
+            return out.zero_()
         return torch.zeros(row_sums.numel(), col_sums.numel(), dtype=torch.float32, device=row_sums.device)
-    return torch.outer(row_sums / total, col_sums)
+    if out is None:
+        return torch.outer(row_sums / total, col_sums)
+    return torch.mul((row_sums / total).unsqueeze(1), col_sums.unsqueeze(0), out=out)  # the same products as `outer`
 
 
 def is_compressed(metadata: dict[str, str] | None) -> bool:

@@ -1,4 +1,4 @@
-"""The search commands: `mergetune run`, `mergetune resume`, `mergetune status`."""
+"""The search commands: `mergetune run`, `mergetune resume`, `mergetune status`, `mergetune plan`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,26 @@ def run(
     if workers is not None:
         data["ray"]["workers"] = workers
     _run_and_finish(parse_study_config(data, str(config)))
+
+
+def plan(
+    config: Path = typer.Argument(..., help="study config YAML"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=0.01, help="GiB of each worker's GPU (default: ray.gpu_memory_gb, else this machine's)"),
+    host_memory: Optional[float] = typer.Option(None, "--host-memory", min=0.01, help="GiB of host memory per node (default: ray.host_memory_gb, else this machine's)"),
+    workers_per_node: Optional[int] = typer.Option(None, "--workers-per-node", min=1, help="workers on the fullest node (default: ray.workers_per_node, else this machine's)"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as one JSON object"),
+) -> None:
+    """Whether, where and how a study fits in memory, from file headers alone (exit 0: fits, 2: does not)."""
+    from mergetune.search.config import load_study_config
+    from mergetune.search.plan import MemoryPlanError, plan_study
+
+    result = plan_study(load_study_config(config), gpu_memory, host_memory, workers_per_node)
+    if as_json:
+        print(result.dumps())
+    else:
+        Console().print("\n".join(result.lines()), highlight=False, markup=False)
+    if not result.fits:
+        raise MemoryPlanError(result.reason)  # the one-line reason on stderr (cli/main.py), after the plan
 
 
 def resume(
@@ -147,3 +167,4 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run)
     app.command("resume")(resume)
     app.command("status")(status)
+    app.command("plan")(plan)

@@ -176,6 +176,14 @@ class RayConfig(_Strict):
     placement_timeout_s: float = Field(
         default=600, gt=0, description="how long a joined cluster may take to offer every worker its resources"
     )
+    resident: Literal["auto", "device", "host"] = Field(
+        default="auto",
+        description="where workers keep the inputs: on their device, in host memory shared per node (streamed "
+        "to the device per tensor), or auto (device when the memory plan fits with headroom, else host)",
+    )
+    gpu_memory_gb: float | None = Field(default=None, gt=0, description="GiB of each worker's GPU, for the memory plan (default: this machine's)")
+    host_memory_gb: float | None = Field(default=None, gt=0, description="GiB of each node's host memory, for the memory plan (default: this machine's)")
+    workers_per_node: int | None = Field(default=None, ge=1, description="workers on the fullest node, for the memory plan (default: this machine's count)")
 
     @field_validator("device")
     @classmethod

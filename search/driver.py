@@ -355,7 +355,8 @@ def run_study(
     `sampler` replace the TrialWorker and the configured sampler (tests, benchmarks)."""
     import ray
 
-    from mergetune.search.workers import TrialWorker, check_worker_device, load_modelset
+    from mergetune.search.plan import checked_config
+    from mergetune.search.workers import TrialWorker, check_worker_device
 
     check_worker_device(config)  # what the config model cannot check alone, before Ray starts
     console = console or Console()
@@ -368,8 +369,10 @@ def run_study(
         check_same_space(existing, space)
         if config.objectives is not None:
             check_same_directions(existing, config.objectives)
+    worker_config = config
     if worker_cls is None:
-        load_modelset(config)  # names/shapes/statistics checked before any worker starts
+        # Models, statistics and the memory plan are checked from headers before Ray or any worker starts.
+        worker_config = checked_config(config)
         worker_cls = TrialWorker
     check_local_gpus(config, workers)
     storage = StorageRetry(config.storage_retry_s)
@@ -381,7 +384,7 @@ def run_study(
             started_ray = connect_ray(config, workers)
             stop.reinstall()
             wait_for_resources(config, workers, started_ray)
-            pool = WorkerPool(worker_cls, config, workers)
+            pool = WorkerPool(worker_cls, worker_config, workers)
             objectives = resolve_objectives(config, pool)
             sampler = sampler or make_sampler(config.sampler, config.experts, config.seed, len(objectives))
             study, created = create_or_open_study(

@@ -1,7 +1,8 @@
 """The trial worker: one long-lived Ray actor per GPU (or CPU slot) that merges and scores recipes.
 
-It loads the model set once (base + task vectors + statistics resident on its device),
-owns one live model and one evaluator, and per trial merges every tensor into the live
+It starts its evaluator's backend (the live model, or a vLLM engine) first, then holds the
+model set's inputs as stored, on its device or mapped in host memory shared by the node
+(`ray.resident`, decided by the memory plan), owns one evaluator, and per trial merges every tensor into the live
 model in place, then scores it — in one call (`run`), or in two when pruning is on
 (`run_first_stage` merges and scores the head of each task's subset, `run_second_stage`
 scores the rest on the same live model). Errors of a trial come back as a result with
@@ -84,16 +85,19 @@ class TrialWorker:
         import torch
 
         from mergetune.evaluators.base import build_evaluator, load_backend
-        from mergetune.merge.modelset import ResidentModelSet
+        from mergetune.merge.resident import ResidentModelSet
+        from mergetune.search.plan import check_device_room, resident_placement
 
         config = StudyConfig.model_validate_json(config_json)
         torch.set_num_threads(config.ray.cpus_per_worker)
         device = worker_device(config)
         started = time.perf_counter()
-        self.resident = ResidentModelSet.load(load_modelset(config), device=device)
         assert config.models is not None
+        # The engine starts first (vLLM checks that its share of the GPU is free); the inputs take what is left.
         # The evaluator decides the backend: lm_eval with `backend: vllm` gets a vLLM engine, else transformers.
         self.backend = load_backend(config.evaluator, config.models.base, device)
+        check_device_room(config, device)
+        self.resident = ResidentModelSet.load(load_modelset(config), device=device, placement=resident_placement(config))
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()
         self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second

@@ -17,14 +17,15 @@ def score_recipes_on_split(
 ) -> list[dict[str, float]]:
     """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
     from mergetune.evaluators.base import build_evaluator, load_backend
-    from mergetune.merge.modelset import ResidentModelSet
+    from mergetune.merge.resident import ResidentModelSet
+    from mergetune.search.plan import resident_placement
     from mergetune.search.workers import load_modelset
 
     if isinstance(config, dict):
         config = parse_study_config(config, "study config")
     assert config.models is not None and config.evaluator is not None
-    resident = ResidentModelSet.load(load_modelset(config), device=device)
-    backend = load_backend(config.evaluator, config.models.base, device)
+    backend = load_backend(config.evaluator, config.models.base, device)  # the engine first; the inputs take what is left
+    resident = ResidentModelSet.load(load_modelset(config), device=device, placement=resident_placement(config))
     evaluator = build_evaluator(config.evaluator)
     results = []
     with Progress(transient=True) as progress:

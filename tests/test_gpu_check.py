@@ -11,6 +11,7 @@ import pytest
 from test_studies_fixtures import build_tiny_models
 
 from mergetune.merge.modelset import MOMENTS_FILE, ModelSet
+from mergetune.merge.ruleplan import tensor_schedule
 from mergetune.merge.recipe import Recipe
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
@@ -45,7 +46,7 @@ def test_trial_recipes_cover_five_methods_and_fit_a_model_set(gpu_check, tmp_pat
     assert len({method for method, _ in recipes}) >= 5
     modelset = ModelSet.from_recipe(Recipe.from_dict(recipes[0][1]))
     for method, recipe in recipes:
-        schedule = modelset.plan(Recipe.from_dict(recipe))  # raises if a method lacks its statistics
+        schedule = tensor_schedule(modelset, Recipe.from_dict(recipe))  # raises if a method lacks its statistics
         assert {plan.spec.name for _, plan in schedule} == {method}
     assert recipes != gpu_check.trial_recipes(models, seed=1)
 

@@ -17,7 +17,8 @@ from test_studies_fixtures import build_tiny_models
 from mergetune.merge.engine import merge_recipe_to_dir
 from mergetune.merge.methods import get_method, method_names
 from mergetune.merge.methods.m3 import mixing_weights
-from mergetune.merge.modelset import MOMENTS_FILE, ModelSet, ResidentModelSet
+from mergetune.merge.modelset import MOMENTS_FILE, ModelSet
+from mergetune.merge.resident import ResidentModelSet
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.sinks import LiveModelSink
 

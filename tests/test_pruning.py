@@ -95,7 +95,7 @@ def zoo(tmp_path_factory):
 def test_two_stage_scores_equal_one_stage_scores_exactly(zoo, tmp_path, monkeypatch, batch_size, first_share):
     """The worker's two stages (merge + head, then the rest on the same live model) give exactly `run`'s scores."""
     from mergetune.evaluators.base import HFBackend, build_evaluator
-    from mergetune.merge.modelset import ResidentModelSet
+    from mergetune.merge.resident import ResidentModelSet
     from mergetune.search import workers
     from mergetune.search.space import SearchSpace
     from mergetune.search.warmstart import baseline_params

@@ -18,7 +18,8 @@ from test_studies_fixtures import build_tiny_models
 
 from mergetune.evaluators.vllm import VLLMBackend
 from mergetune.evaluators.vllm_push import PrefixCacheNotReset, rpc
-from mergetune.merge.modelset import MOMENTS_FILE, Checkpoint, ModelSet, ResidentModelSet
+from mergetune.merge.modelset import MOMENTS_FILE, Checkpoint, ModelSet
+from mergetune.merge.resident import ResidentModelSet
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.sinks import SafetensorsSink
 from mergetune.search.space import DEFAULT_METHODS

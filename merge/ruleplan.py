@@ -1,0 +1,182 @@
+"""The per-tensor rule plan: which recipe rule merges each tensor, and running one rule on one tensor.
+
+Both merge engines (disk to disk in `engine.py`, the search worker's `resident.py`) call
+the same functions here with the same float32 inputs — the base θ₀ and, for methods over
+task vectors, τ_k = θ_k − θ₀ made in float32 from the stored tensors, else the models θ_k —
+so a trial and its export are bit-identical. Elementwise methods (`SLICEABLE_METHODS`) give
+the same bytes on matching slices of their inputs, so the resident merge may run them slice
+by slice in a small workspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mergetune.core.errors import ModelSetError, NonFiniteMergeError
+from mergetune.merge.methods import MethodSpec, TensorInputs, get_method, tensor_generator
+from mergetune.merge.modelset import STAT_FIXES, STAT_NAMES, ModelSet
+from mergetune.merge.recipe import Recipe, Rule, layer_position
+from mergetune.merge.sparsify import GlobalCut
+from mergetune.merge.thresholds import GlobalThresholds
+
+# Methods that are elementwise over their inputs (no per-tensor statistic, selection or draw):
+# a slice of every input gives the same bytes as the same slice of the whole tensor's result.
+SLICEABLE_METHODS = frozenset({"linear", "task_arithmetic"})
+
+
+@dataclass
+class RulePlan:
+    """A recipe rule resolved once per merge (per layer position for rules with gradients): method,
+    experts, weights, bound params, statistics to load."""
+
+    index: int
+    rule: Rule
+    spec: MethodSpec
+    experts: list[str]
+    weights: list[float]
+    kwargs: dict[str, object]
+    stats: tuple[str, ...]
+
+    @property
+    def sliceable(self) -> bool:
+        """Whether the method may run over slices of the flattened tensors (see `SLICEABLE_METHODS`)."""
+        return self.spec.name in SLICEABLE_METHODS
+
+    def uses_deltas(self, has_base: bool) -> bool:
+        """Whether this rule gets task vectors (τ_k) rather than the models (θ_k) themselves."""
+        return has_base and self.spec.needs_base
+
+
+def plan_rule(i: int, rule: Rule, recipe: Recipe, available: dict[str, set[str]]) -> RulePlan:
+    """Rule `i` (without gradients: `Rule.at` evaluates them) checked against the statistics the model set has."""
+    spec = get_method(rule.method)
+    experts = rule.experts(recipe.experts)
+    where = f"rules.{i}"
+    for kind in sorted(spec.needs):
+        missing = next((e for e in experts if e not in available[kind]), None)
+        if missing is not None:
+            raise ModelSetError(
+                f"{where}: method '{rule.method}' needs {STAT_NAMES[kind]} for expert '{missing}'; "
+                + STAT_FIXES[kind].format(expert=missing)
+            )
+    stats = stat_kinds(spec, experts, available)
+    if spec.any_of and not set(stats) & spec.any_of:
+        wanted = " or ".join(STAT_NAMES[kind] for kind in sorted(spec.any_of))
+        first = sorted(spec.any_of)[0]
+        raise ModelSetError(
+            f"{where}: method '{rule.method}' needs {wanted} for every expert it merges; "
+            + STAT_FIXES[first].format(expert=experts[0])
+        )
+    kwargs = spec.bind(rule.method_kwargs(recipe.experts), len(experts))
+    return RulePlan(i, rule, spec, experts, rule.weight_list(recipe.experts), kwargs, stats)
+
+
+def stat_kinds(spec: MethodSpec, experts: list[str], available: dict[str, set[str]]) -> tuple[str, ...]:
+    """The statistics a method loads per tensor: all it needs, and each optional kind every expert has."""
+    optional = tuple(kind for kind in sorted(spec.any_of) if all(e in available[kind] for e in experts))
+    return (*sorted(spec.needs), *optional)
+
+
+def tensor_schedule(modelset: ModelSet, recipe: Recipe) -> list[tuple[str, RulePlan | None]]:
+    """Every tensor with the rule that merges it (None: keep the base's), after checking the recipe fits.
+
+    Raises ModelSetError naming the rule, expert and fix when a method lacks its statistics.
+    """
+    unknown = next((e for e in recipe.experts if e not in modelset.experts), None)
+    if unknown is not None:
+        raise ModelSetError(f"recipe expert {unknown!r} is not in the model set; experts: {', '.join(modelset.experts)}")
+    if recipe.base is not None and modelset.base is None:
+        raise ModelSetError("the recipe has a base model but the model set has none")
+    available = {kind: set(files) for kind, files in modelset.stats.items()}
+    plans = [plan_rule(i, rule.at(0.0), recipe, available) for i, rule in enumerate(recipe.rules)]
+    at_position: dict[tuple[int, float], RulePlan] = {}  # gradient rules: one plan per layer position
+    num_layers = modelset.num_layers
+    schedule = []
+    for name in modelset.reference.infos:
+        plan = next((p for p in plans if p.rule.matches(name)), None)
+        if plan is not None and recipe.rules[plan.index].has_gradients:
+            x = layer_position(name, num_layers)
+            if (plan.index, x) not in at_position:
+                at_position[plan.index, x] = plan_rule(plan.index, recipe.rules[plan.index].at(x), recipe, available)
+            plan = at_position[plan.index, x]
+        if plan is not None:
+            for kind in plan.stats:
+                if kind == "gram":
+                    continue  # tensors without a Gram (not a linear weight) are averaged by RegMean
+                missing = next((e for e in plan.experts if modelset.stats[kind][e].key(name) is None), None)
+                if missing is not None:
+                    raise ModelSetError(
+                        f"{modelset.stats[kind][missing].path} has no entry for tensor {name!r}, which rules.{plan.index} "
+                        f"merges with '{plan.rule.method}'; recompute the statistics for this model"
+                    )
+        schedule.append((name, plan))
+    return schedule
+
+
+def merge_tensor(
+    plan: RulePlan,
+    name: str,
+    base: Tensor | None,
+    models: list[Tensor] | None,
+    deltas: list[Tensor] | None,
+    stats: dict[str, list[Tensor] | None],
+    seed: int,
+    thresholds: GlobalThresholds,
+) -> Tensor:
+    """Run one rule's method on one tensor (float32 in, float32 out); a non-finite result stops the merge."""
+
+    def cut(kind: str, index: int, keep: float) -> GlobalCut:
+        return thresholds(kind, plan.experts[index], keep)
+
+    inputs = TensorInputs(
+        name=name,
+        base=base,
+        weights=plan.weights,
+        models_given=models,
+        deltas_given=deltas,
+        moments=stats.get("moments"),
+        fisher=stats.get("fisher"),
+        gram=stats.get("gram"),
+        generator=tensor_generator(seed, name),
+        global_cut=cut,
+        seed=seed,
+    )
+    out = plan.spec.fn(inputs, **plan.kwargs)
+    reference = base if base is not None else (models or deltas)[0]
+    if out.shape != reference.shape:
+        raise ValueError(f"method '{plan.spec.name}' returned shape {list(out.shape)} for {name} {list(reference.shape)}")
+    # The sum is one pass without a mask allocation; only a non-finite sum (or an overflow) looks closer.
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        given = models if models is not None else deltas
+        culprit = "the base model" if base is not None and not torch.isfinite(base).all() else next(
+            (f"expert {e!r}" for e, t in zip(plan.experts, given) if not torch.isfinite(t).all()), None
+        )
+        cause = f"{culprit} has NaN/inf values in it; fix or drop that model" if culprit else "change the rule's params"
+        raise NonFiniteMergeError(
+            f"merged tensor {name!r} (rules.{plan.index}, {plan.spec.name}) has NaN/inf values: {cause}; the merge stopped"
+        )
+    return out
+
+
+def complete_stats(tensors: list[Tensor | None]) -> list[Tensor] | None:
+    """The per-expert statistics of one tensor, or None when an expert has none for it (e.g. no Gram)."""
+    return None if any(t is None for t in tensors) else tensors  # type: ignore[return-value]
+
+
+def merge_inputs(
+    plan: RulePlan,
+    name: str,
+    base: Tensor | None,
+    inputs: list[Tensor],
+    stats: dict[str, list[Tensor] | None],
+    seed: int,
+    thresholds: GlobalThresholds,
+) -> Tensor:
+    """One rule on one tensor (or matching slices of a sliceable rule's inputs) from its float32 inputs:
+    τ_k when `plan.uses_deltas`, else θ_k."""
+    if plan.uses_deltas(base is not None):
+        return merge_tensor(plan, name, base, None, inputs, stats, seed, thresholds)
+    return merge_tensor(plan, name, base, inputs, None, stats, seed, thresholds)
