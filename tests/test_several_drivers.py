@@ -110,7 +110,9 @@ def check_a_killed_driver_is_taken_over(tmp_path, ray_address, storage=None):
 
     def first_hangs(study):
         mine = [t for t in study.get_trials(deepcopy=False) if ran_on(t, first)]
-        return sum(t.state == TrialState.COMPLETE for t in mine) >= 2 and any(t.state == TrialState.RUNNING for t in mine)
+        # Hung in its worker: dispatched (its recipe stored, every param suggested), not merely claimed.
+        hung = any(t.state == TrialState.RUNNING and "recipe" in t.user_attrs for t in mine)
+        return sum(t.state == TrialState.COMPLETE for t in mine) >= 2 and hung
 
     try:
         wait_until(config, first_hangs, [first, second], "the first driver's third trial hung")
