@@ -4,7 +4,8 @@ Disk to disk (`merge_recipe_to_dir`, the `mergetune merge` command) it holds one
 model at a time, read lazily at the offsets of the safetensors headers (single-file or sharded
 with an index json), and writes through `SafetensorsSink` into a temp dir renamed at the end. Tensors no rule matches
 keep the base model's value. The search's in-memory variant is `resident.ResidentModelSet`; both
-run each tensor through `ruleplan.merge_inputs` with the same float32 inputs.
+run each tensor through `ruleplan.merge_inputs` (sliceable rules: `ruleplan.merge_sliced`, in the
+same slices) with the same float32 inputs, so an export reproduces its trial bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from mergetune.core.fs import atomic_output_dir
 from mergetune.core.versions import package_versions
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.reader import open_reader
-from mergetune.merge.ruleplan import complete_stats, merge_inputs, tensor_schedule
+from mergetune.merge.methods.registry import InputSummaries
+from mergetune.merge.ruleplan import chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
 from mergetune.merge.thresholds import GlobalThresholds
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.sinks import SafetensorsSink, Sink
@@ -82,9 +84,13 @@ def merge_modelset(
                 inputs = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
                 stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
                 loaded = time.perf_counter()
-                if plan.uses_deltas(has_base):
+                deltas = plan.uses_deltas(has_base)
+                if deltas:
                     inputs = [m.sub_(base) for m in inputs]  # task vectors made in place from the fresh reads
-                out = merge_inputs(plan, name, base, inputs, stats, seed, thresholds)
+                if plan.sliceable:
+                    out = _merge_sliced(plan, name, base, inputs, stats, seed, thresholds, deltas)
+                else:
+                    out = merge_inputs(plan, name, base, inputs, stats, seed, thresholds)
             computed = time.perf_counter()
             sink.write(name, out)
             read += loaded - started
@@ -94,6 +100,20 @@ def merge_modelset(
                 on_tensor(name)
     sink.close()
     return {"read_s": read, "compute_s": compute, "write_s": write}
+
+
+def _merge_sliced(plan, name, base, inputs, stats, seed, thresholds, deltas: bool) -> torch.Tensor:
+    """A sliceable rule over slices of the whole tensors just read (views, no copies), as the resident merge runs it."""
+    shape = tuple(inputs[0].shape)
+    flat = lambda t: t.reshape(-1)  # noqa: E731
+
+    def fetch(start: int, stop: int):
+        sliced = {kind: None if ts is None else [flat(t)[start:stop] for t in ts] for kind, ts in stats.items()}
+        return (None if base is None else flat(base)[start:stop]), [flat(t)[start:stop] for t in inputs], sliced
+
+    summaries = InputSummaries(inputs, stats.get("moments")) if deltas else None
+    out = torch.empty(inputs[0].numel(), dtype=torch.float32, device=inputs[0].device)
+    return merge_sliced(plan, name, shape, fetch, out, chunk_elements(inputs[0].device.type), seed, thresholds, summaries)
 
 
 def model_card(recipe: Recipe, seed: int) -> str:

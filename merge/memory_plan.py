@@ -2,15 +2,18 @@
 
 Per worker (its device — a GPU, or the host for CPU workers): the evaluator's engine (vLLM's
 `gpu_memory_utilization` share of the card, or the HF live model), the merge's float32
-workspace (buffers for one tensor's inputs, plus the peak temporaries of the worst method
-in the search space, measured by `method_memory`), the inputs themselves when they are
-placed on the device, staging buffers when they stream from the host. Per node (host
-memory): one shared copy of the inputs when they are placed on the host, and each worker's
-processes and pinned buffers. The engine starts first and the merge takes what is left, so
-when vLLM's share is not configured the plan sets it to what the merge leaves.
+workspace (buffers for one tensor's inputs — one slice of them for sliceable methods —, plus
+the peak temporaries of the worst method in the search space, measured by `method_memory`),
+the inputs themselves when they are placed on the device, staging buffers when they stream
+from the host. Per node (host memory): one shared copy of the inputs when they are placed on
+the host, the order statistics of the task vectors (`summaries`, mapped from one file set per
+node), and each worker's processes and pinned buffers. The engine starts first and the merge
+takes what is left, so when vLLM's share is not configured the plan sets it to what the merge
+leaves.
 
-Figures marked as estimates (process overheads, vLLM's activations) are round numbers for
-current releases, not measurements of the target machine; everything else is exact bytes.
+Figures marked as estimates (process overheads, vLLM's activations, the order statistics'
+4 bytes per entry) are round numbers, not measurements of the target machine; everything else
+is exact bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, Placement, stored_entries
 from mergetune.merge.resident import chunk_elements, largest_stat, largest_tensor, workspace_roles
-from mergetune.merge.ruleplan import SLICEABLE_METHODS, stat_kinds
+from mergetune.merge.ruleplan import stat_kinds
+from mergetune.merge.sparsify import row_length
 
 GiB = 1024**3
 DEVICE_HEADROOM = 0.05  # of each GPU kept free: allocator fragmentation, CUDA graphs, drivers
@@ -205,19 +209,46 @@ def workspace_bytes(
     roles: dict[object, int] = {}
     transient, per_method = 0, {}
     for use in methods:
-        sliced = use.name in SLICEABLE_METHODS
+        spec = get_method(use.name)
+        sliced = spec.sliceable
         available = {kind: set(files) for kind, files in modelset.stats.items()}
-        stats = () if sliced else stat_kinds(get_method(use.name), list(modelset.experts), available)
+        stats = stat_kinds(spec, list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
         roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk_elements(device))
         needs = {role: n * 4 for role, n in roles_here.items()}
-        # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized.
+        # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized, but for
+        # the tie masks of its selections (one bool per entry and expert, kept while the tensor merges).
         per_call = min(inputs.largest_elements, chunk_elements(device)) * 4 if sliced else largest
         peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params) * per_call) for params in use.params)
+        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + (4 * k * 8 if spec.totals else 0)  # + float64 sums
         roles.update(needs)
         transient = max(transient, peak)
         per_method[use.name] = sum(needs.values()) + peak
     return sum(roles.values()), transient, per_method
+
+
+ORDER_BYTES_PER_ENTRY = 4  # values or tie order per sort direction: `TensorOrder.nbytes` measures 4.0-4.1 on fp32 and bf16 task vectors
+
+
+def order_statistics_bytes(modelset: ModelSet, methods: list[MethodUse]) -> dict[str, int]:
+    """Bytes of the order statistics a worker precomputes for the search space's methods, over every expert
+    (an estimate: `ORDER_BYTES_PER_ENTRY` per entry and sort direction; row ranks exactly, int16 or int32)."""
+    kinds = {kind for use in methods for kind in get_method(use.name).orders}
+    ref = modelset.reference.infos
+    entries = sum(info.numel for info in ref.values()) * len(modelset.experts)
+    out = {}
+    for kind in sorted(kinds):
+        if kind == "row_ranks":
+            out[kind] = sum(info.numel * (2 if row_length(info.shape) < (1 << 15) else 4) for info in ref.values()) * len(modelset.experts)
+        else:
+            out[kind] = ORDER_BYTES_PER_ENTRY * entries
+    return out
+
+
+def tie_mask_bytes(spec, experts: int, largest: int) -> int:
+    """The bool tie masks a sliced selection keeps per expert for the tensor being merged (`order_stats.Selection.tied`)."""
+    selects = spec.sliceable and any(kind != "row_ranks" for kind in spec.orders)
+    return experts * largest if selects else 0
 
 
 def _vllm_minimum(inputs: _Inputs, engine: Engine, itemsize: int) -> int:
@@ -246,12 +277,11 @@ def plan_memory(
     engine: Engine,
     machine: Machine,
     placement: str = "auto",
-    random_methods: bool = False,
 ) -> MemoryPlan:
     """The plan for `placement` ("auto": device when that fits with headroom, else host); see the module docstring."""
     inputs = _Inputs.of(modelset)
     persistent, transient, per_method = workspace_bytes(modelset, methods, machine.device, inputs)
-    context = _Context(modelset, inputs, engine, machine, persistent + transient, per_method, random_methods)
+    context = _Context(modelset, inputs, engine, machine, persistent + transient, per_method, order_statistics_bytes(modelset, methods))
     if placement != "auto":
         return context.plan(placement, placement)
     on_device = context.plan("device", "auto")
@@ -268,7 +298,15 @@ class _Context:
     machine: Machine
     workspace: int
     per_method: dict[str, int]
-    random_methods: bool
+    statistics: dict[str, int]  # order kind → bytes over every expert (estimate)
+
+    def device_statistics(self, placement: Placement) -> int:
+        """DELLA's row ranks, which a device-placed worker keeps on its device (read whole by every trial)."""
+        return self.statistics.get("row_ranks", 0) if placement == "device" else 0
+
+    def host_statistics(self, placement: Placement) -> int:
+        """The order statistics on the host: mapped from one file set per node (`summary_files`)."""
+        return sum(self.statistics.values()) - self.device_statistics(placement)
 
     @property
     def engine_itemsize(self) -> int | None:
@@ -328,10 +366,11 @@ class _Context:
             "eval_activations": self.hf_activations(),
             "resident_inputs": all_inputs if placement == "device" else 0,
             "workspace": self.workspace,
-            "summaries": 0,  # per-tensor order statistics kept at load (none yet)
+            "row_ranks": self.device_statistics(placement),
         }
         node = {
             "shared_inputs": all_inputs if placement == "host" else 0,
+            "order_statistics": self.host_statistics(placement),
             "workers": m.workers_per_node * sum(worker.values()),
         }
         plan = MemoryPlan(True, placement, requested, None, worker, node, m, inputs=self._common(), workspace=self.per_method)
@@ -355,13 +394,13 @@ class _Context:
             "staging": 2 * (SLAB_BYTES + PIECE_BYTES) if placement == "host" else 0,
             "workspace": self.workspace,
             "weight_transfer": i.largest_elements * (self.engine_itemsize or 4) if e.kind == "vllm" else 0,
-            "summaries": 0,  # per-tensor order statistics kept at load (none yet)
+            "row_ranks": self.device_statistics(placement),
         }
         processes = WORKER_PROCESS_BYTES["cuda"] + (VLLM_PROCESS_BYTES if e.kind == "vllm" else 0)
         node = {
             "shared_inputs": all_inputs if placement == "host" else 0,
             "pinned_staging": m.workers_per_node * 2 * (SLAB_BYTES + PIECE_BYTES) if placement == "host" else 0,
-            "random_draws": m.workers_per_node * i.largest_elements * 4 if self.random_methods else 0,  # drawn on the CPU
+            "order_statistics": self.host_statistics(placement),
             "worker_processes": m.workers_per_node * processes,
         }
         gpu, minimum, our_total = m.gpu_bytes, self.engine_minimum(), sum(ours.values())

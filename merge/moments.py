@@ -41,6 +41,19 @@ def rank1_reconstruct(row_sums: Tensor, col_sums: Tensor, out: Tensor | None = N
     return torch.mul((row_sums / total).unsqueeze(1), col_sums.unsqueeze(0), out=out)  # the same products as `outer`
 
 
+def rank1_reconstruct_slice(row_sums: Tensor, col_sums: Tensor, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    """Entries [start, stop) of the flattened V̂ (`rank1_reconstruct`, the same products), into `out` when given."""
+    total = row_sums.sum()
+    cols = col_sums.numel()
+    first, last = start // cols, -(-stop // cols)
+    if total <= 0:
+        block = torch.zeros((last - first) * cols, dtype=torch.float32, device=row_sums.device)
+    else:
+        block = torch.mul((row_sums / total)[first:last].unsqueeze(1), col_sums.unsqueeze(0)).reshape(-1)
+    part = block[start - first * cols : stop - first * cols]
+    return part if out is None else out.copy_(part)
+
+
 def is_compressed(metadata: dict[str, str] | None) -> bool:
     return (metadata or {}).get(FORMAT_KEY) == RANK1
 

@@ -5,9 +5,11 @@
 merges every tensor straight into a sink (usually the evaluator's live model). Only one
 tensor at a time exists in float32: its base θ₀, task vectors τ_k = θ_k − θ₀ and statistics,
 in reusable buffers (`Workspace`); the methods' own temporaries come and go with the tensor.
-Elementwise rules (linear, task_arithmetic: `ruleplan.SLICEABLE_METHODS`) run slice by slice,
-so their workspace stays small even for a 128256×4096 embedding. Every path makes the same
-float32 inputs and runs the same functions as the disk engine (`ruleplan.py`).
+Sliceable rules (linear, task arithmetic, the TIES/DARE/DELLA/breadcrumbs family, OTA: the
+registry's `sliceable`) run slice by slice, so their workspace stays small even for a
+128256×4096 embedding; their per-tensor order statistics (`summaries.ModelSummaries`) are
+computed once per worker. Every path makes the same float32 inputs and runs the same
+functions as the disk engine (`ruleplan.py`).
 """
 
 from __future__ import annotations
@@ -16,26 +18,23 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mergetune.merge.modelset import Checkpoint, ModelSet, rebuild_stat
+from mergetune.merge.moments import rank1_reconstruct_slice
 from mergetune.merge.placement import Key, Placement, ResidentInputs, Staged
 from mergetune.merge.recipe import Recipe
-from mergetune.merge.ruleplan import RulePlan, complete_stats, merge_inputs, tensor_schedule
+from mergetune.merge.ruleplan import CHUNK_ELEMENTS, RulePlan, chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
 from mergetune.merge.sinks import Sink
-from mergetune.merge.thresholds import GlobalThresholds, tensor_scores
+from mergetune.merge.summaries import ModelSummaries
+from mergetune.merge.thresholds import SummaryThresholds
 
 log = logging.getLogger(__name__)
 
-# Sliceable rules run over slices of the flattened tensors: cache-sized on a CPU
-# (1 MB of float32: measured 2.4× faster than 64 MB slices), few kernel launches on a GPU.
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
-
-
-def chunk_elements(device_type: str) -> int:
-    return CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"])
+__all__ = ["CHUNK_ELEMENTS", "ResidentModelSet", "Workspace", "chunk_elements", "largest_stat", "largest_tensor", "workspace_roles"]
 
 
 def largest_tensor(modelset: ModelSet) -> tuple[str, int]:
@@ -53,14 +52,16 @@ def workspace_roles(sliced: bool, experts: int, stat_elements: dict[str, int], l
     """The float32 buffers (role → elements) a rule allocates in the workspace, kept for the worker's life.
 
     A method gets the base, each expert's input and each statistic at the largest tensor's size.
-    A sliced rule gets its output at that size and slices of `chunk` elements for its inputs —
-    the method's own buffers when no tensor is larger than one slice.
+    A sliced rule gets its output at that size and slices of `chunk` elements for its inputs and
+    statistics — the method's own buffers when no tensor is larger than one slice.
     """
-    if sliced:
-        chunk = min(largest, chunk)
-        prefix = "" if chunk == largest else "chunk."
-        return {"out": largest, prefix + "base": chunk, **{(prefix + "input", k): chunk for k in range(experts)}}
-    roles: dict[object, int] = {"base": largest, **{("input", k): largest for k in range(experts)}}
+    if sliced and chunk < largest:
+        roles = {"out": largest, "chunk.base": chunk, **{("chunk.input", k): chunk for k in range(experts)}}
+        for kind in stat_elements:
+            roles.update({("chunk.stat", kind, k): chunk for k in range(experts)})
+        return roles
+    roles: dict[object, int] = {"out": largest} if sliced else {}
+    roles.update({"base": largest, **{("input", k): largest for k in range(experts)}})
     for kind, elements in stat_elements.items():
         roles.update({("stat", kind, k): elements for k in range(experts)})
     return roles
@@ -94,21 +95,46 @@ class ResidentModelSet:
         self.inputs = inputs
         self.device = inputs.device
         self.placement: Placement = inputs.placement
-        self.thresholds = GlobalThresholds(self._scores)
         self.workspace = Workspace(self.device)
         self._largest = largest_tensor(modelset)[1]
         self._stat_sizes = {kind: largest_stat(modelset, kind) for kind in modelset.stats}
+        ranks_device = self.device if self.placement == "device" else torch.device("cpu")
+        self.summaries = ModelSummaries(
+            modelset.tensor_names,
+            self._task_vector,
+            self._moments,
+            lambda e, n: self._stat_entries("moments", e, n) is not None,
+            self._summary_sources,
+            ranks_device,
+        )
+        self.thresholds = SummaryThresholds(self.summaries.orders_of)
 
     @classmethod
     def load(
-        cls, modelset: ModelSet, device: str = "cpu", placement: Placement = "device", staged: bool | None = None
+        cls,
+        modelset: ModelSet,
+        device: str = "cpu",
+        placement: Placement = "device",
+        staged: bool | None = None,
+        orders: tuple[str, ...] = (),
+        threads: int | None = None,
+        cache: Path | None = None,
     ) -> ResidentModelSet:
         """Hold `modelset`'s inputs on `device` or mapped in host memory (`placement`); `staged` forces (or
-        forbids) the pinned host-to-device path, which is otherwise used for host placement on CUDA."""
+        forbids) the pinned host-to-device path, which is otherwise used for host placement on CUDA.
+        `orders` (`registry.ORDER_KINDS`) are computed now for every expert and tensor, in `threads` threads
+        (torch's thread count by default), once per node when a `cache` directory is given (`summary_files`);
+        any other is computed in this worker when a merge first needs it."""
         started = time.perf_counter()
         inputs = ResidentInputs(modelset, device, placement, staged=staged)
-        log.info("model set resident (%s placement, device %s) in %.1fs", placement, device, time.perf_counter() - started)
-        return cls(modelset, inputs)
+        resident = cls(modelset, inputs)
+        loaded = time.perf_counter()
+        resident.summaries.precompute(orders, modelset.experts, threads or torch.get_num_threads(), cache)
+        log.info(
+            "model set resident (%s placement, device %s) in %.1fs, order statistics in %.1fs",
+            placement, device, loaded - started, time.perf_counter() - loaded,
+        )  # fmt: skip
+        return resident
 
     # --- keys of stored tensors ---
     @staticmethod
@@ -128,11 +154,10 @@ class ResidentModelSet:
             return [self._weight(ms.reference, name)]
         keys = [self._weight(ms.base, name)] if ms.base is not None else []
         keys += [self._weight(ms.experts[e], name) for e in plan.experts]
-        if not plan.sliceable:
-            for kind in plan.stats:
-                for e in plan.experts:
-                    found = self._stat_entries(kind, e, name)
-                    keys += found[1] if found is not None else []
+        for kind in plan.stats:
+            for e in plan.experts:
+                found = self._stat_entries(kind, e, name)
+                keys += found[1] if found is not None else []
         return keys
 
     # --- the per-trial merge ---
@@ -188,39 +213,67 @@ class ResidentModelSet:
         """A sliceable rule, slice by slice of the flattened tensors, into the `out` buffer (same bytes as whole)."""
         ms = self.modelset
         info = ms.reference.infos[name]
-        n = info.numel
         deltas = plan.uses_deltas(ms.base is not None)
-        roles = list(workspace_roles(True, len(plan.experts), {}, self._largest, chunk_elements(self.device.type)).items())  # out, base, inputs
-        out, (base_role, chunk), inputs_roles = self.workspace.buffer(*roles[0]), roles[1], roles[2:]
+        stat_sizes = {kind: self._stat_sizes[kind] for kind in plan.stats}
+        roles = workspace_roles(True, len(plan.experts), stat_sizes, self._largest, chunk_elements(self.device.type))
+        chunk = min(self._largest, chunk_elements(self.device.type))
+        prefix = "chunk." if chunk < self._largest else ""
         base_key = self._weight(ms.base, name) if deltas else None
         expert_keys = [self._weight(ms.experts[e], name) for e in plan.experts]
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            size = stop - start
-            base = staged.fill(self.workspace.buffer(base_role, chunk)[:size], base_key, start, stop) if deltas else None
-            inputs = []
-            for key, (role, _) in zip(expert_keys, inputs_roles):
-                t = staged.fill(self.workspace.buffer(role, chunk)[:size], key, start, stop)
-                inputs.append(t.sub_(base) if deltas else t)
-            out[start:stop].copy_(merge_inputs(plan, name, base, inputs, {}, seed, self.thresholds))
-        return out[:n].view(info.shape)
+        stats = {kind: [self._stat_entries(kind, e, name) for e in plan.experts] for kind in plan.stats}
 
-    # --- global thresholds ---
-    def _scores(self, kind: str, expert: str) -> Iterator[tuple[str, Tensor]]:
-        """Per-tensor scores of an expert (fresh tensors, outside the workspace, which a merge may be using)."""
+        def buffer(role: object, size: int) -> Tensor:
+            return self.workspace.buffer(role, roles[role])[:size]
+
+        def fetch(start: int, stop: int):
+            size = stop - start
+            base = staged.fill(buffer(prefix + "base", size), base_key, start, stop) if deltas else None
+            inputs = []
+            for k, key in enumerate(expert_keys):
+                t = staged.fill(buffer((prefix + "input", k), size), key, start, stop)
+                inputs.append(t.sub_(base) if deltas else t)
+            sliced_stats = {}
+            for kind, entries in stats.items():
+                tensors = []
+                for k, found in enumerate(entries):
+                    if found is None:
+                        tensors.append(None)
+                        continue
+                    shape, keys = found
+                    out = buffer((prefix + "stat", kind, k), size)
+                    if len(keys) == 1:
+                        tensors.append(staged.fill(out, keys[0], start, stop))
+                    else:  # rank-1: two small vectors, expanded for this slice only
+                        row, col = (staged.tensor(key).to(self.device, torch.float32) for key in keys)
+                        tensors.append(rank1_reconstruct_slice(row, col, start, stop, out=out))
+                sliced_stats[kind] = complete_stats(tensors)
+            return base, inputs, sliced_stats
+
+        summaries = self.summaries.for_tensor(name, plan.experts) if deltas else None
+        out = self.workspace.buffer("out", self._largest)
+        return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries)
+
+    # --- order statistics: the task vectors (and moments) of one expert's tensor, from the stored inputs ---
+    def _task_vector(self, expert: str, name: str) -> Tensor:
+        """τ of `expert` on tensor `name` in float32 (fresh, outside the workspace, which a merge may be using)."""
         ms = self.modelset
         if ms.base is None:
-            raise ValueError("global thresholds need a base model")
-        for name in ms.tensor_names:
-            v = None
-            if kind == "saliency":
-                found = self._stat_entries("moments", expert, name)
-                if found is None:
-                    continue
-                v = rebuild_stat([self.inputs.stored(key).to(self.device) for key in found[1]])
-            theta = self.inputs.stored(self._weight(ms.experts[expert], name)).to(self.device, torch.float32, copy=True)
-            tau = theta.sub_(self.inputs.stored(self._weight(ms.base, name)).to(self.device, torch.float32))
-            yield name, tensor_scores(kind, tau, v)
+            raise ValueError("order statistics of task vectors need a base model")
+        theta = self.inputs.stored(self._weight(ms.experts[expert], name)).to(self.device, torch.float32, copy=True)
+        return theta.sub_(self.inputs.stored(self._weight(ms.base, name)).to(self.device, torch.float32))
+
+    def _summary_sources(self, expert: str, kind: str) -> list[Path]:
+        """The files an expert's statistics of `kind` are computed from: base and expert weights (and moments)."""
+        ms = self.modelset
+        files = [*ms.base.files.values(), *ms.experts[expert].files.values()]
+        moments = ms.stats["moments"].get(expert) if kind.startswith("saliency") else None
+        return files + ([moments.path] if moments is not None else [])
+
+    def _moments(self, expert: str, name: str) -> Tensor | None:
+        found = self._stat_entries("moments", expert, name)
+        if found is None:
+            return None
+        return rebuild_stat([self.inputs.stored(key).to(self.device) for key in found[1]])
 
     def close(self) -> None:
         self.inputs.close()

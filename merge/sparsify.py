@@ -1,8 +1,7 @@
 """Sparsifiers for task vectors: which entries of τ survive, and how survivors are rescaled.
 
-Each `*_mask` function returns a boolean keep-mask for one expert's τ (float32, any shape);
-`apply_mask` zeroes the dropped entries and rescales the survivors. Masks are composable
-with any combination rule (see `methods/combine.py`). Density ρ is the fraction KEPT.
+Density ρ is the fraction KEPT. Every sparsifier works on a slice of a tensor (elements
+[offset, offset + n) of its flattened entries) as well as on the whole, with the same result:
 
 - magnitude top-k (TIES trim): exactly k = max(1, ⌊ρ·n⌋) entries, the largest |τ|
 - random drop (DARE): keep each entry i.i.d. with probability ρ
@@ -10,29 +9,30 @@ with any combination rule (see `methods/combine.py`). Density ρ is the fraction
 - breadcrumbs band: drop the top-γ outliers and the smallest entries, keep a band of ⌊ρ·n⌋
 - FFG saliency: exactly k entries, the largest v·τ²
 
-**Which entries "the largest k" are** — the rule every per-tensor selection here follows, and
-that any faster implementation must reproduce bit for bit (`sort_positions`): sort the
-flattened float32 scores with torch's default (unstable) sort on the CPU, as mergekit's
-`sparsify.magnitude` (`argsort(descending=True)`) and `magnitude_outliers`
-(`sort(descending=False)`) do; an entry's *position* in that order decides. Top-k keeps
-positions [0, k) of the descending order; the breadcrumbs band keeps positions
-[n_bot, n_bot + target) of the ascending order. Entries with equal scores are ordered as
-torch's CPU sort leaves them: a deterministic function of the values alone (same on every
-run, thread count and device, because the sort always runs on the CPU) but not index order
-(the sort is unstable for more than 16 entries), so bf16 checkpoints, full of equal
-magnitudes, keep exactly the entries mergekit keeps. A fast version may precompute the
-positions once per tensor (task vectors never change in a study) and compare them with k.
+**Which entries "the largest k" are** — the rule every per-tensor selection here follows
+(`sort_positions`, the reference): sort the flattened float32 scores with torch's default
+(unstable) sort on the CPU, as mergekit's `sparsify.magnitude` (`argsort(descending=True)`)
+and `magnitude_outliers` (`sort(descending=False)`) do; an entry's *position* in that order
+decides. Top-k keeps positions [0, k) of the descending order; the breadcrumbs band keeps
+positions [n_bot, n_bot + target) of the ascending order. Entries with equal scores are ordered
+as torch's CPU sort (an introsort) leaves them: a deterministic function of the values alone,
+but not index order, and not reproducible without that sort — so bf16 checkpoints, full of
+equal magnitudes, keep exactly the entries mergekit keeps. The merge never sorts per trial:
+`order_stats.TensorOrder` runs the sort once per tensor (task vectors never change in a
+study) and its `Selection`s give the same masks from one compare pass.
 
-Global scope (one top-k over all of an expert's tensors; no mergekit equivalent) keeps
-exactly k = ⌊ρ·N⌋ entries too: every score above the k-th largest, then the entries equal
-to it in model tensor order and, within a tensor, flat-index order (`GlobalCut`).
-Randomness only from the given `torch.Generator` (CPU, so the bytes do not depend on the device).
+Global scope (one top-k over all of an expert's tensors; no mergekit equivalent) keeps exactly
+k = ⌊ρ·N⌋ entries too: every score above the k-th largest, then the entries equal to it in
+model tensor order and, within a tensor, in its sort order (`GlobalCut`).
+
+Random draws come from the counter-based generator (`counter_rng`): the mask of entry i is a
+function of (seed, tensor name, expert, i), the same on every device and in every slice.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,10 +40,13 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.counter_rng import keep_from_bits
+from mergetune.merge.order_stats import row_ranks
 
 RescaleMode = Literal["inverse_keep", "l1"]
 Scope = Literal["tensor", "global"]
 SCOPES = ("tensor", "global")
+SCORE_KINDS = ("magnitude", "saliency")
 L1_EPS = 1e-7  # mergekit: skip L1 matching when either norm is below this
 
 
@@ -69,7 +72,16 @@ def rescale_mode(method: str, rescale: object) -> RescaleMode | None:
     )
 
 
-# --- the per-tensor selection rule ---
+def scores_of(kind: str, tau: Tensor, moments: Tensor | None) -> Tensor:
+    """A tensor's scores for selection: |τ| ("magnitude") or the FFG saliency v·τ² ("saliency")."""
+    if kind == "magnitude":
+        return tau.abs()
+    if moments is None:
+        raise ValueError("saliency scores need the second moments")
+    return moments * tau.square()
+
+
+# --- the per-tensor selection rule (the reference) ---
 
 
 def sort_positions(scores: Tensor, *, descending: bool) -> Tensor:
@@ -110,115 +122,6 @@ def topk_mask(scores: Tensor, density: float) -> Tensor:
     return position_mask(scores, 0, topk_count(density, scores.numel()), descending=True)
 
 
-# --- global scope: one cut over all of an expert's tensors ---
-
-
-@dataclass(frozen=True)
-class GlobalCut:
-    """Exactly k of an expert's scores over all its tensors: those above `threshold` (the k-th
-    largest), then those equal to it in tensor order and flat-index order — `ties[name]` is how
-    many equal entries tensor `name` keeps. threshold = +inf keeps nothing, −inf everything."""
-
-    threshold: float
-    ties: Mapping[str, int] = field(default_factory=dict)
-
-    def mask(self, name: str, scores: Tensor) -> Tensor:
-        keep = scores > self.threshold
-        quota = self.ties.get(name, 0)
-        if quota:
-            tied = (scores == self.threshold).reshape(-1)
-            first = tied & (tied.cumsum(0) <= quota)
-            keep |= first.reshape(scores.shape)
-        return keep
-
-
-KEEP_ALL = GlobalCut(-math.inf)
-KEEP_NONE = GlobalCut(math.inf)
-
-
-def global_cut(k: int, threshold: float, tensors: Iterable[tuple[str, Tensor]]) -> GlobalCut:
-    """The cut keeping exactly k entries, given the k-th largest score and the scores by tensor (in model order)."""
-    counts = []
-    above = 0
-    for name, scores in tensors:
-        above += int((scores > threshold).sum())
-        counts.append((name, int((scores == threshold).sum())))
-    left = k - above
-    ties = {}
-    for name, count in counts:
-        if left <= 0:
-            break
-        if count:
-            ties[name] = min(count, left)
-            left -= ties[name]
-    return GlobalCut(threshold, ties)
-
-
-# --- masks ---
-
-TensorCut = Callable[[Tensor], Tensor]
-"""The keep-mask of one tensor's scores under its expert's `GlobalCut` (see `TensorInputs.cut`)."""
-
-
-def magnitude_mask(tau: Tensor, density: float, cut: TensorCut | None = None) -> Tensor:
-    """TIES trim: the largest |τ| — exactly k per tensor (`topk_mask`), or the expert's global cut."""
-    return cut(tau.abs()) if cut is not None else topk_mask(tau.abs(), density)
-
-
-def saliency(tau: Tensor, moments: Tensor) -> Tensor:
-    """FFG saliency v·τ² (v: Adam second moment, a diagonal-Fisher proxy)."""
-    return moments * tau.square()
-
-
-def saliency_mask(tau: Tensor, moments: Tensor, density: float, cut: TensorCut | None = None) -> Tensor:
-    """FFG: the largest v·τ² — exactly k per tensor (`topk_mask`), or the expert's global cut."""
-    scores = saliency(tau, moments)
-    return cut(scores) if cut is not None else topk_mask(scores, density)
-
-
-def uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> Tensor:
-    """U[0,1) draws made on the CPU generator (device-independent bytes), moved to `device`."""
-    return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-def random_mask(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """DARE: keep each entry independently with probability ρ."""
-    if density >= 1:
-        return torch.ones_like(tau, dtype=torch.bool)
-    if density <= 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    return uniform(tau.shape, generator, tau.device) < density
-
-
-def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
-    """DELLA MagPrune keep probabilities π = (ρ−ε) + 2ε·r̃ per row, r̃ = (rank−1)/(n−1) of |τ|.
-
-    Rows are the first axis (a 1-D tensor is one row). Departures from mergekit, which raises
-    unless 0 < ρ±ε < 1 and yields NaN for 1-element rows: ε is shrunk to min(ε, ρ, 1−ρ) so any
-    searched (ρ, ε) pair gives probabilities in [0, 1], and a 1-element row keeps with π = ρ.
-    """
-    epsilon = max(0.0, min(epsilon, density, 1.0 - density))
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
-    n = rows.shape[1]
-    if n < 2:
-        return torch.full_like(tau, density)
-    order = rows.abs().argsort(dim=1)
-    positions = torch.arange(n, dtype=torch.float32, device=tau.device).expand_as(rows)
-    ranks = torch.empty_like(rows).scatter_(1, order, positions)  # 0 = smallest |τ| of the row
-    probs = (density - epsilon) + (2 * epsilon / (n - 1)) * ranks
-    return probs.reshape(tau.shape)
-
-
-def magprune_mask(tau: Tensor, density: float, epsilon: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """DELLA: (keep-mask, per-entry keep probability π); larger |τ| are more likely kept."""
-    if density >= 1:
-        return torch.ones_like(tau, dtype=torch.bool), torch.ones_like(tau)
-    if density <= 0:
-        return torch.zeros_like(tau, dtype=torch.bool), torch.zeros_like(tau)
-    probs = della_keep_probabilities(tau, density, epsilon)
-    return uniform(tau.shape, generator, tau.device) < probs, probs
-
-
 def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     """(n_bot, target) of Model Breadcrumbs (mergekit 0.1.5): target = ⌊ρn⌋, n_top = ⌊γn⌋,
     n_bot = max(0, n − target − n_top); the band is ascending positions [n_bot, n_bot + target)."""
@@ -226,20 +129,12 @@ def band_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return max(0, n - target - int(gamma * n)), target
 
 
-def band_mask(tau: Tensor, density: float, gamma: float, cuts: tuple[TensorCut, TensorCut] | None = None) -> Tensor:
-    """Model Breadcrumbs: drop the top-γ |τ| outliers, keep the next ⌊ρ·n⌋ (ρ ≥ 1 keeps everything, as mergekit).
-
-    Per tensor: ascending positions [n_bot, n_bot + target) of |τ| (`band_counts`, `sort_positions`).
-    With global `cuts` (outliers, band bottom): kept by the bottom cut and not by the outlier cut.
-    """
+def band_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs (the reference): ascending |τ| positions [n_bot, n_bot + target) (ρ ≥ 1 keeps everything)."""
     if density >= 1:
         return torch.ones_like(tau, dtype=torch.bool)
-    magnitude = tau.abs()
-    if cuts is not None:
-        outliers, bottom = cuts
-        return bottom(magnitude) & ~outliers(magnitude)
     n_bot, target = band_counts(tau.numel(), density, gamma)
-    return position_mask(magnitude, n_bot, n_bot + target, descending=False)
+    return position_mask(tau.abs(), n_bot, n_bot + target, descending=False)
 
 
 def band_fractions(density: float, gamma: float) -> tuple[float, float]:
@@ -249,13 +144,96 @@ def band_fractions(density: float, gamma: float) -> tuple[float, float]:
     return top, min(1.0, top + max(density, 0.0))
 
 
-def apply_mask(tau: Tensor, mask: Tensor, rescale: RescaleMode | None, keep: float | Tensor = 1.0) -> Tensor:
-    """τ with dropped entries zeroed; survivors rescaled.
+# --- global scope: one cut over all of an expert's tensors ---
 
-    `l1` restores the L1 norm of τ (mergekit's `rescale: true`; skipped when either norm < 1e-7);
-    `inverse_keep` divides by the keep probability (1/ρ for DARE, 1/π_i for DELLA; the papers);
-    None: no rescale.
+
+@dataclass(frozen=True)
+class GlobalCut:
+    """Exactly k of an expert's scores over all its tensors: those above `threshold` (the k-th largest), then
+    those equal to it in tensor order — `ties[name]` is how many equal entries tensor `name` keeps, the first
+    ones of its sort order. So a tensor keeps its top `count(...)` entries. threshold = +inf keeps nothing,
+    −inf everything."""
+
+    threshold: float
+    ties: Mapping[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, greater: int) -> int:
+        """How many of tensor `name`'s largest scores the cut keeps, given how many are above the threshold."""
+        return greater + self.ties.get(name, 0)
+
+
+KEEP_ALL = GlobalCut(-math.inf)
+KEEP_NONE = GlobalCut(math.inf)
+
+
+def global_cut(k: int, threshold: float, counts: Iterable[tuple[str, int, int]]) -> GlobalCut:
+    """The cut keeping exactly k entries, given the k-th largest score and per tensor (in model order)
+    (name, entries above the threshold, entries equal to it)."""
+    counts = list(counts)
+    left = k - sum(greater for _, greater, _ in counts)
+    ties = {}
+    for name, _, equal in counts:
+        if left <= 0:
+            break
+        if equal:
+            ties[name] = min(equal, left)
+            left -= ties[name]
+    return GlobalCut(threshold, ties)
+
+
+# --- random masks ---
+
+
+def random_keep(bits: Tensor, density: float) -> Tensor | None:
+    """DARE: keep each entry with probability ρ (uniform < ρ of its counter-based draw); None keeps all."""
+    if density >= 1:
+        return None
+    return keep_from_bits(bits, max(density, 0.0))
+
+
+def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon: float) -> Tensor:
+    """DELLA MagPrune keep probabilities π = (ρ−ε) + 2ε·r̃, r̃ = rank/(n−1), from each entry's |τ| rank in its row
+    (`order_stats.row_ranks`: ties in index order, so the ranks are the same on every device).
+
+    Departures from mergekit, which raises unless 0 < ρ±ε < 1 and yields NaN for 1-element rows: ε is
+    shrunk to min(ε, ρ, 1−ρ) so any searched (ρ, ε) pair gives probabilities in [0, 1], and a 1-element
+    row keeps with π = ρ.
     """
+    epsilon = max(0.0, min(epsilon, density, 1.0 - density))
+    if row_length < 2:
+        return torch.full(ranks.shape, density, dtype=torch.float32, device=ranks.device)
+    return (density - epsilon) + (2 * epsilon / (row_length - 1)) * ranks.to(torch.float32)
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Entries per row of a tensor of `shape` for DELLA (rows are the first axis; a 1-D tensor is one row)."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
+def della_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities of a whole tensor (`della_probabilities` of its `row_ranks`)."""
+    return della_probabilities(row_ranks(tau), row_length(tuple(tau.shape)), density, epsilon)
+
+
+# --- rescale ---
+
+
+def l1_factor(before: float, after: float) -> float | None:
+    """mergekit's rescale: the factor restoring τ's L1 norm (float32 arithmetic), None when either norm < 1e-7."""
+    if before < L1_EPS or after < L1_EPS:
+        return None
+    return float(torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32))
+
+
+def apply_mask(tau: Tensor, mask: Tensor | None, rescale: RescaleMode | None, keep: float | Tensor = 1.0, factor: float | None = None) -> Tensor:
+    """τ with dropped entries zeroed (None: none dropped); survivors rescaled.
+
+    `l1` multiplies by `factor` (`l1_factor` of the whole tensor's norms before and after the mask;
+    mergekit's `rescale: true`); `inverse_keep` divides by the keep probability (1/ρ for DARE, 1/π_i
+    for DELLA; the papers); None: no rescale.
+    """
+    if mask is None:
+        return tau
     masked = tau * mask
     if rescale is None:
         return masked
@@ -263,7 +241,10 @@ def apply_mask(tau: Tensor, mask: Tensor, rescale: RescaleMode | None, keep: flo
         if isinstance(keep, Tensor):
             return torch.where(mask, masked / keep.clamp_min(torch.finfo(torch.float32).tiny), masked)
         return masked / keep if keep > 0 else masked
-    before, after = tau.abs().sum(), masked.abs().sum()
-    if before < L1_EPS or after < L1_EPS:
-        return masked
-    return masked * (before / after)
+    return masked if factor is None else masked * factor
+
+
+def l1_sums(tau: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ|τ|, Σ|τ·mask|) in float64: the norms `l1_factor` compares, summable over slices."""
+    magnitude = tau.abs()
+    return magnitude.sum(dtype=torch.float64), (magnitude * mask).sum(dtype=torch.float64)

@@ -15,7 +15,6 @@ import torch
 
 from mergetune.core.errors import MergetuneError
 from mergetune.merge.memory_plan import GiB, Engine, Machine, MemoryPlan, MethodUse, gib, plan_memory
-from mergetune.merge.methods import get_method
 from mergetune.search.config import StudyConfig, parse_study_config
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,14 @@ def study_methods(config: StudyConfig) -> list[MethodUse]:
         ends = [tuple((p, space.search.range_of(p)[side]) for p in searched) for side in (0, 1)]
         uses.append(MethodUse(method, tuple(dict.fromkeys(ends))))
     return uses
+
+
+def study_orders(config: StudyConfig) -> tuple[str, ...]:
+    """The order statistics the search space's methods read (`MethodSpec.orders`): a worker computes them at load."""
+    from mergetune.merge.methods import get_method
+    from mergetune.search.space import SearchSpace
+
+    return tuple(sorted({kind for method in SearchSpace(config).methods for kind in get_method(method).orders}))
 
 
 def study_machine(
@@ -105,7 +112,6 @@ def plan_study(
         study_engine(config),
         study_machine(config, gpu_memory_gib, host_memory_gib, workers_per_node),
         placement=config.ray.resident,
-        random_methods=any(get_method(use.name).random for use in methods),
     )
 
 

@@ -86,7 +86,8 @@ class TrialWorker:
 
         from mergetune.evaluators.base import build_evaluator, load_backend
         from mergetune.merge.resident import ResidentModelSet
-        from mergetune.search.plan import check_device_room, resident_placement
+        from mergetune.merge.summary_files import cache_root
+        from mergetune.search.plan import check_device_room, resident_placement, study_orders
 
         config = StudyConfig.model_validate_json(config_json)
         torch.set_num_threads(config.ray.cpus_per_worker)
@@ -97,7 +98,9 @@ class TrialWorker:
         # The evaluator decides the backend: lm_eval with `backend: vllm` gets a vLLM engine, else transformers.
         self.backend = load_backend(config.evaluator, config.models.base, device)
         check_device_room(config, device)
-        self.resident = ResidentModelSet.load(load_modelset(config), device=device, placement=resident_placement(config))
+        self.resident = ResidentModelSet.load(
+            load_modelset(config), device=device, placement=resident_placement(config), orders=study_orders(config), cache=cache_root()
+        )
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()
         self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second

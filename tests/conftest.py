@@ -1,12 +1,19 @@
 """Shared test setup: everything offline, small thread counts (2-core machines)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Workers' order statistics (merge/summary_files.py) go to a cache of this test session, not the user's.
+if "MERGETUNE_CACHE_DIR" not in os.environ:
+    os.environ["MERGETUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mergetune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MERGETUNE_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

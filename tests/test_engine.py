@@ -19,9 +19,12 @@ from mergetune.merge.engine import merge_recipe_to_dir
 from mergetune.merge.methods import TensorInputs, register
 from mergetune.merge.modelset import MOMENTS_FILE, ModelSet, StatsFile, rebuild_stat
 from mergetune.merge.resident import ResidentModelSet
-from mergetune.merge.thresholds import GlobalThresholds
+from mergetune.merge.order_stats import TensorOrder
+from mergetune.merge.sparsify import topk_mask
+from mergetune.merge.thresholds import GlobalThresholds, SummaryThresholds
 from mergetune.merge.moments import compress_moments, rank1_reconstruct
 from mergetune.merge.recipe import Recipe
+from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.sinks import LiveModelSink
 
 torch.set_num_threads(1)
@@ -40,7 +43,7 @@ def _reads_gram(x: TensorInputs) -> torch.Tensor:
 
 @register("_test_global_mask")
 def _global_mask(x: TensorInputs, *, keep: float = 0.5) -> torch.Tensor:
-    return x.base + x.deltas[0] * x.cut("magnitude", 0, keep)(x.deltas[0].abs())
+    return x.base + x.deltas[0] * top_selection(x, "magnitude", 0, keep, "global").mask(x.deltas[0].abs())
 
 
 @register("_test_fails_on_layer_1")
@@ -124,9 +127,16 @@ def test_resident_merge_into_live_model_equals_disk_merge(models, tmp_path):
     torch.testing.assert_close(expected[name], base[name] + d * (d.abs() >= threshold))
 
 
-def test_global_thresholds_histogram_matches_exact():
+def _kept(cut, name: str, scores: torch.Tensor) -> torch.Tensor:
+    """A tensor's keep-mask under a global cut: its top `cut.count` entries in its sort order."""
+    order = TensorOrder.build(scores)
+    return order.top(cut.count(name, order.count_greater(cut.threshold))).mask(scores)
+
+
+def test_global_thresholds_histogram_and_summaries_match_exact():
     gen = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n, generator=gen).exp() for n in (1000, 37, 5000)] + [torch.zeros(300)]
+    chunks[0][:200] = chunks[0][0]  # a run of equal scores
     named = [(f"t{i}", c) for i, c in enumerate(chunks)]
 
     def scores(kind, expert):
@@ -134,25 +144,32 @@ def test_global_thresholds_histogram_matches_exact():
 
     flat = torch.cat(chunks)
     exact, approx = GlobalThresholds(scores), GlobalThresholds(scores, exact_limit=10)
-    for keep in (0.001, 0.1, 0.5, 0.9, 0.99):
+    summarised = SummaryThresholds(lambda kind, expert: ((name, TensorOrder.build(c)) for name, c in named))
+    for keep in (0.001, 0.1, 0.5, 0.9, 0.99, float(200 / flat.numel())):
         k = int(keep * flat.numel())
         want = float(flat.sort(descending=True).values[k - 1])
-        for cuts in (exact, approx):
+        for cuts in (exact, approx, summarised):
             cut = cuts("magnitude", "e", keep)
             assert cut.threshold == pytest.approx(want)
-            assert sum(int(cut.mask(name, c).sum()) for name, c in named) == k  # exactly k, zeros included
+            assert sum(int(_kept(cut, name, c).sum()) for name, c in named) == k  # exactly k, zeros included
+        assert summarised("magnitude", "e", keep) == exact("magnitude", "e", keep)
     assert approx("magnitude", "e", 0.99).threshold == 0.0  # beyond the positives: all of them, and the first zeros
     assert exact("magnitude", "e", 0.0).threshold == math.inf and exact("magnitude", "e", 1.0).threshold == -math.inf
 
 
-def test_global_cut_keeps_exactly_k_with_ties_in_tensor_then_index_order():
-    # |τ| full of equal values, as in bf16 checkpoints: 2 > 1 > 0 in three tensors.
+def test_global_cut_keeps_exactly_k_with_ties_in_tensor_then_sort_order():
+    # |τ| full of equal values, as in bf16 checkpoints: 2 > 1 > 0 in three tensors (≤ 16 entries: the sort keeps index order).
     named = [("a", torch.tensor([1.0, 2.0, 1.0, 0.0])), ("b", torch.tensor([1.0, 1.0, 2.0])), ("c", torch.tensor([1.0]))]
     cuts = GlobalThresholds(lambda kind, expert: iter(named))
     cut = cuts("magnitude", "e", 0.5)  # N = 8 → k = 4: both 2s, then the first two 1s (a[0], a[2])
-    assert [cut.mask(name, s).tolist() for name, s in named] == [[True, True, True, False], [False, False, True], [False]]
+    assert [_kept(cut, name, s).tolist() for name, s in named] == [[True, True, True, False], [False, False, True], [False]]
     cut = cuts("magnitude", "e", 0.75)  # k = 6: the 1s of a, then b[0], b[1]
-    assert [cut.mask(name, s).tolist() for name, s in named] == [[True, True, True, False], [True, True, True], [False]]
+    assert [_kept(cut, name, s).tolist() for name, s in named] == [[True, True, True, False], [True, True, True], [False]]
+    # Within a tensor the ties follow its sort order (mergekit's, not index order, beyond 16 entries).
+    big = torch.ones(40)
+    cut = GlobalThresholds(lambda kind, expert: iter([("big", big)]))("magnitude", "e", 0.25)
+    assert torch.equal(_kept(cut, "big", big), topk_mask(big, 0.25))
+    assert not torch.equal(topk_mask(big, 0.25), torch.arange(40) < 10)
 
 
 def _sharded_copy(src: str, dst: Path) -> Path:

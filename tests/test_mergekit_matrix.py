@@ -24,7 +24,7 @@ from test_studies_fixtures import build_tiny_models
 
 from mergetune.merge.engine import merge_recipe_to_dir
 from mergetune.merge.mergekit_config import MERGEKIT_METHODS, recipe_from_mergekit
-from mergetune.merge.methods import TensorInputs, get_method, tensor_generator
+from mergetune.merge.methods import TensorInputs, get_method
 
 EXPERTS = ("math", "code", "chat")
 DTYPES = ("float32", "bfloat16")
@@ -175,7 +175,7 @@ def test_inputs_mergekit_accepts_merge_as_in_mergekit(zoos, tmp_path, variant, c
 def _one_tensor_merge(method: str, tau: torch.Tensor, params: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ours, mergekit's) Δ = θ − θ₀ for one expert's τ on a zero base."""
     base = torch.zeros_like(tau)
-    x = TensorInputs(name="w", base=base, weights=[1.0], deltas_given=[tau], generator=tensor_generator(seed, "w"))
+    x = TensorInputs(name="w", base=base, weights=[1.0], deltas_given=[tau], seed=seed)
     ours = get_method(method)(x, **params)
     torch.manual_seed(seed)
     theirs = merge_state_dicts({"base": {"w": base}, "e": {"w": tau}}, method, parameters={"weight": 1.0, **params}, base="base")["w"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergetune.merge.methods import TensorInputs, get_method, tensor_generator
+from mergetune.merge.methods import TensorInputs, get_method
 
 from mergekit.merge_methods.api import merge_state_dicts
 
@@ -64,7 +64,7 @@ def ours(state: dict, method: str, experts: tuple[str, ...], params: dict, weigh
             base=base if spec.needs_base else None,
             weights=[weights[e] for e in experts] if weights else [1.0] * len(experts),
             models_given=[state[e][name] for e in experts],
-            generator=tensor_generator(0, name),
+            seed=0,
         )
         merged[name] = spec(x, **params)
     return merged

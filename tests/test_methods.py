@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.methods import TensorInputs, get_method, method_names, tensor_generator
+from mergetune.merge.counter_rng import uniforms
+from mergetune.merge.methods import TensorInputs, get_method, method_names
 from mergetune.merge.methods.m3 import mixing_weights
 from mergetune.merge.sparsify import (
     GlobalCut,
@@ -17,9 +18,9 @@ from mergetune.merge.sparsify import (
     band_fractions,
     band_mask,
     della_keep_probabilities,
-    magnitude_mask,
-    random_mask,
-    saliency_mask,
+    l1_factor,
+    l1_sums,
+    scores_of,
     topk_mask,
 )
 
@@ -142,12 +143,12 @@ def test_topk_mask_keeps_the_k_largest_scores():
     scores = T(0.3, 0.9, 0.1, 0.5)
     assert topk_mask(scores, 0.5).tolist() == [False, True, False, True]  # k = 2
     assert topk_mask(scores, 0.01).tolist() == [False, True, False, False]  # k = max(1, 0)
-    assert magnitude_mask(T(1, -2, 3), 1.0).all() and not magnitude_mask(T(1, -2, 3), 0.0).any()
+    assert topk_mask(T(1, 2, 3), 1.0).all() and not topk_mask(T(1, 2, 3), 0.0).any()
 
 
 def test_random_mask_keeps_about_rho_and_inverse_keep_rescales_by_one_over_rho():
     tau = torch.linspace(0.1, 1.0, 20000)
-    mask = random_mask(tau, 0.3, tensor_generator(0, "t"))
+    mask = uniforms(0, "t", 0, 0, tau.numel()) < 0.3
     assert abs(mask.float().mean().item() - 0.3) < 0.015
     out = apply_mask(tau, mask, "inverse_keep", 0.3)
     assert_close(out[mask], tau[mask] / 0.3)
@@ -157,10 +158,11 @@ def test_random_mask_keeps_about_rho_and_inverse_keep_rescales_by_one_over_rho()
 def test_l1_rescale_restores_the_l1_norm_and_skips_tiny_norms():
     tau = T(1, -2, 3, -4)
     mask = torch.tensor([True, False, False, True])
-    out = apply_mask(tau, mask, "l1")
+    out = apply_mask(tau, mask, "l1", factor=l1_factor(*map(float, l1_sums(tau, mask))))
     assert_close(out, T(1, 0, 0, -4) * 2.0)  # ‖τ‖₁ = 10, kept 5
-    tiny = T(1e-9, 2e-9)
-    assert_close(apply_mask(tiny, torch.tensor([True, False]), "l1"), T(1e-9, 0))
+    tiny, keep = T(1e-9, 2e-9), torch.tensor([True, False])
+    assert l1_factor(*map(float, l1_sums(tiny, keep))) is None
+    assert_close(apply_mask(tiny, keep, "l1", factor=None), T(1e-9, 0))
 
 
 def test_della_keep_probabilities_rise_with_rank_per_row():
@@ -174,7 +176,7 @@ def test_della_keep_probabilities_rise_with_rank_per_row():
 
 def test_della_inverse_keep_divides_each_survivor_by_its_probability():
     tau = torch.linspace(-1, 1, 4001)
-    x = inputs(torch.zeros_like(tau), deltas=[tau], generator=tensor_generator(3, "w"))
+    x = inputs(torch.zeros_like(tau), deltas=[tau], seed=3)
     out = merge("della_linear", x, density=0.5, epsilon=0.2, rescale="inverse_keep")
     probs = della_keep_probabilities(tau, 0.5, 0.2)
     kept = out != 0
@@ -205,12 +207,14 @@ def test_breadcrumbs_global_scope_keeps_the_band_between_two_thresholds():
     assert_close(out, T(0, -0.5, 0.3, 0, 0, 0.7, 0, -0.6, 0.4, 0))  # 0.3 ≤ |τ| < 0.75
 
 
-def test_saliency_mask_ranks_by_v_times_tau_squared():
+def test_saliency_scores_are_v_times_tau_squared_and_a_cut_keeps_its_count():
     tau, v = T(1, 2, -1, 0.5), T(4, 1, 0.25, 0)  # s = [4, 4, 0.25, 0]
-    assert saliency_mask(tau, v, 0.25).tolist() == [True, False, False, False]  # k = 1: exactly one of the tie
-    assert saliency_mask(tau, v, 0.75).tolist() == [True, True, True, False]
+    scores = scores_of("saliency", tau, v)
+    assert scores.tolist() == [4, 4, 0.25, 0]
+    assert topk_mask(scores, 0.25).tolist() == [True, False, False, False]  # k = 1: exactly one of the tie
+    assert topk_mask(scores, 0.75).tolist() == [True, True, True, False]
     cut = GlobalCut(0.25, {"t": 1})  # above 0.25, plus the first entry equal to it
-    assert saliency_mask(tau, v, 0.5, lambda s: cut.mask("t", s)).tolist() == [True, True, True, False]
+    assert cut.count("t", greater=2) == 3 and cut.count("other", greater=2) == 2
 
 
 # --- SLERP ---
@@ -370,8 +374,7 @@ def test_m3_mixing_weights_follow_beta_and_dirichlet():
 def test_m3_draws_once_per_merge_not_per_tensor():
     def run(name, seed):
         # τ₁ = 1, τ₂ = 0: the output is λ·w₁
-        x = inputs(torch.zeros(3), deltas=[torch.ones(3), torch.zeros(3)], name=name, seed=seed,
-                   generator=tensor_generator(seed, name))  # fmt: skip
+        x = inputs(torch.zeros(3), deltas=[torch.ones(3), torch.zeros(3)], name=name, seed=seed)
         return merge("m3", x, **{"lambda": 2.0})
 
     a, b = run("model.layers.0.mlp.up_proj.weight", 5), run("lm_head.weight", 5)

@@ -11,50 +11,13 @@ from typing import Literal
 
 from torch import Tensor
 
-from mergetune.merge.methods.combine import combine
-from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import (
-    KEEP_ALL,
-    KEEP_NONE,
-    SCOPES,
-    TensorCut,
-    apply_mask,
-    band_fractions,
-    band_mask,
-    check_choice,
-    rescale_mode,
-)
+from mergetune.merge.methods.gta import gta
+from mergetune.merge.methods.registry import PerModel, TensorInputs, register
 
-FRACTION_TOLERANCE = 1e-9  # ρ + γ sums like 0.9 + 0.1 land a hair below 1
+ORDERS = ("magnitude.asc", "magnitude.desc")  # the band per tensor; global bands cut the descending order
 
 
-def top_fraction_cut(x: TensorInputs, model: int, top_fraction: float) -> TensorCut:
-    """The expert's global cut keeping its top `top_fraction` of |τ| (all or nothing at the ends)."""
-    if top_fraction <= FRACTION_TOLERANCE:
-        return lambda scores: KEEP_NONE.mask(x.name, scores)
-    if top_fraction >= 1 - FRACTION_TOLERANCE:
-        return lambda scores: KEEP_ALL.mask(x.name, scores)
-    return x.cut("magnitude", model, top_fraction)
-
-
-def breadcrumbs_deltas(
-    x: TensorInputs, density: PerModel, gamma: PerModel, rescale: object, scope: str, method: str
-) -> list[Tensor]:
-    check_choice(method, "scope", scope, SCOPES)
-    rho = per_model(density, x.num_models)
-    gammas = per_model(gamma, x.num_models)
-    mode = rescale_mode(method, rescale)
-    out = []
-    for k, (tau, r, g) in enumerate(zip(x.deltas, rho, gammas)):
-        cuts = None
-        if scope == "global" and r < 1:
-            top, bottom = band_fractions(r, g)
-            cuts = (top_fraction_cut(x, k, top), top_fraction_cut(x, k, bottom))
-        out.append(apply_mask(tau, band_mask(tau, r, g, cuts), mode, r))
-    return out
-
-
-@register("breadcrumbs", needs_base=True, min_models=1)
+@register("breadcrumbs", needs_base=True, min_models=1, sliceable=True, totals=True, orders=ORDERS)
 def breadcrumbs(
     x: TensorInputs,
     *,
@@ -66,11 +29,13 @@ def breadcrumbs(
     scope: Literal["tensor", "global"] = "tensor",
 ) -> Tensor:
     """Outlier-and-small-entry drop, weighted sum of task vectors (mergekit `breadcrumbs`)."""
-    deltas = breadcrumbs_deltas(x, density, gamma, rescale, scope, "breadcrumbs")
-    return combine(x.base, deltas, x.weights, consensus=False, normalize=normalize, lambda_=lambda_)
+    return gta(
+        x, "breadcrumbs", sparsify="band", consensus=False,
+        density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, rescale=rescale, scope=scope,
+    )  # fmt: skip
 
 
-@register("breadcrumbs_ties", needs_base=True, min_models=1)
+@register("breadcrumbs_ties", needs_base=True, min_models=1, sliceable=True, totals=True, orders=ORDERS)
 def breadcrumbs_ties(
     x: TensorInputs,
     *,
@@ -82,5 +47,7 @@ def breadcrumbs_ties(
     scope: Literal["tensor", "global"] = "tensor",
 ) -> Tensor:
     """Outlier-and-small-entry drop with TIES sign election (mergekit `breadcrumbs_ties`)."""
-    deltas = breadcrumbs_deltas(x, density, gamma, rescale, scope, "breadcrumbs_ties")
-    return combine(x.base, deltas, x.weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    return gta(
+        x, "breadcrumbs_ties", sparsify="band", consensus=True,
+        density=density, gamma=gamma, lambda_=lambda_, normalize=normalize, rescale=rescale, scope=scope,
+    )  # fmt: skip

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mergetune.merge.methods.registry import TensorInputs
-from mergetune.merge.sparsify import SCOPES, Scope, TensorCut, check_choice
 
 
 def combine(
@@ -48,11 +46,3 @@ def combine(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
-
-
-def global_cuts(x: TensorInputs, method: str, scope: Scope, kind: str, densities: list[float]) -> list[TensorCut | None]:
-    """Per expert: its global cut keeping `densities[k]` (None for per-tensor scope or ρ ≥ 1)."""
-    check_choice(method, "scope", scope, SCOPES)
-    if scope == "tensor":
-        return [None] * len(densities)
-    return [x.cut(kind, k, rho) if rho < 1 else None for k, rho in enumerate(densities)]

@@ -2,7 +2,9 @@
 
 `dare_ties` combines with TIES sign election, `dare_linear` by a plain weighted sum (both
 un-normalised and rescaled by default, as mergekit: `rescale: true` restores each τ's L1 norm;
-`rescale: inverse_keep` divides survivors by ρ, the paper's 1/(1−p)). Masks come from `x.generator`.
+`rescale: inverse_keep` divides survivors by ρ, the paper's 1/(1−p)). The drop of entry i of
+expert k is decided by the counter-based draw (seed, tensor, k, i) (`counter_rng`): the same on
+every device. (Masks differ from mergetune releases before the counter-based generator.)
 """
 
 from __future__ import annotations
@@ -11,19 +13,11 @@ from typing import Literal
 
 from torch import Tensor
 
-from mergetune.merge.methods.combine import combine
-from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import apply_mask, random_mask, rescale_mode
+from mergetune.merge.methods.gta import gta
+from mergetune.merge.methods.registry import PerModel, TensorInputs, register
 
 
-def dare_deltas(x: TensorInputs, density: PerModel, rescale: object, method: str) -> list[Tensor]:
-    """Each expert's τ after a random drop (experts drawn in order from the tensor's generator)."""
-    rho = per_model(density, x.num_models)
-    mode = rescale_mode(method, rescale)
-    return [apply_mask(tau, random_mask(tau, r, x.generator), mode, r) for tau, r in zip(x.deltas, rho)]
-
-
-@register("dare_ties", needs_base=True, min_models=1, random=True)
+@register("dare_ties", needs_base=True, min_models=1, random=True, sliceable=True, totals=True)
 def dare_ties(
     x: TensorInputs,
     *,
@@ -33,11 +27,13 @@ def dare_ties(
     rescale: bool | Literal["inverse_keep"] = True,
 ) -> Tensor:
     """Random drop + rescale, TIES sign election (mergekit `dare_ties`)."""
-    deltas = dare_deltas(x, density, rescale, "dare_ties")
-    return combine(x.base, deltas, x.weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    return gta(
+        x, "dare_ties", sparsify="random", consensus=True,
+        density=density, lambda_=lambda_, normalize=normalize, rescale=rescale,
+    )  # fmt: skip
 
 
-@register("dare_linear", needs_base=True, min_models=1, random=True)
+@register("dare_linear", needs_base=True, min_models=1, random=True, sliceable=True, totals=True)
 def dare_linear(
     x: TensorInputs,
     *,
@@ -47,5 +43,7 @@ def dare_linear(
     rescale: bool | Literal["inverse_keep"] = True,
 ) -> Tensor:
     """Random drop + rescale, weighted sum of task vectors (mergekit `dare_linear`)."""
-    deltas = dare_deltas(x, density, rescale, "dare_linear")
-    return combine(x.base, deltas, x.weights, consensus=False, normalize=normalize, lambda_=lambda_)
+    return gta(
+        x, "dare_linear", sparsify="random", consensus=False,
+        density=density, lambda_=lambda_, normalize=normalize, rescale=rescale,
+    )  # fmt: skip

@@ -8,7 +8,7 @@ from torch import Tensor
 from mergetune.merge.methods.registry import TensorInputs, register
 
 
-@register("linear", needs_base=False, min_models=1)
+@register("linear", needs_base=False, min_models=1, sliceable=True)
 def linear(x: TensorInputs, *, normalize: bool = True) -> Tensor:
     """Weighted average of the models' tensors (mergekit `linear`)."""
     total = sum(x.weights)

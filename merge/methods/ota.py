@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.methods.combine import global_cuts
+from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import saliency_mask
+from mergetune.merge.sparsify import SCOPES, check_choice, scores_of
 
 
-@register("ota", needs_base=True, min_models=1, needs=("moments",))
+@register("ota", needs_base=True, min_models=1, needs=("moments",), sliceable=True, orders=("saliency.desc",))
 def ota(
     x: TensorInputs,
     *,
@@ -41,13 +41,14 @@ def ota(
         raise ConfigError("method 'ota': weights must be ≥ 0 (they scale each expert's curvature)")
     if x.moments is None:
         raise ValueError(f"{x.name}: ota needs second moments per expert")
+    check_choice("ota", "scope", scope, SCOPES)
     rho = per_model(density, x.num_models)
-    cuts = global_cuts(x, "ota", scope, "saliency", rho)
     numerator = torch.zeros_like(x.base)
     total = torch.zeros_like(x.base)
-    for tau, v, w, r, cut in zip(x.deltas, x.moments, x.weights, rho, cuts):
-        keep = saliency_mask(tau, v, r, cut)
-        weight = (w * v.pow(power) + epsilon) * keep
+    for k, (tau, v, w, r) in enumerate(zip(x.deltas, x.moments, x.weights, rho)):
+        weight = w * v.pow(power) + epsilon
+        if r < 1:
+            weight = weight * top_selection(x, "saliency", k, r, scope).mask(scores_of("saliency", tau, v), x.offset, x.numel)
         numerator += weight * tau
         total += weight
     merged = x.base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)

@@ -1,36 +1,47 @@
-"""The registry of merge methods and the inputs every method receives for one tensor.
+"""The registry of merge methods and the inputs every method receives for one tensor (or a slice of one).
 
 A method is a pure function `fn(x: TensorInputs, *, param=default, ...) -> Tensor` over
 float32 tensors. Its keyword-only parameters, with their annotations and defaults, *are*
 its parameter schema: the recipe validator and the search space read them from here.
 A parameter annotated `PerModel` accepts one value for all experts or one per expert.
 A trailing underscore is dropped from the public name (`lambda_` is `lambda` in recipes).
+
+A `sliceable` method is elementwise given per-tensor facts it reads from `TensorInputs` (order
+statistics, counter-based draws, global cuts, whole-tensor sums): the engines may call it on
+matching slices of the flattened inputs (`offset`, `full_shape`) and concatenate the results,
+which are the bytes of one call on the whole tensor. A method declaring `totals` may need sums
+over the whole tensor first: called with `totals_pass` it returns its float64 partial sums for
+the slice (empty when it needs none), and the engine hands their sum back as `totals`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Union, get_args, get_origin, get_type_hints
+from typing import Protocol, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge.domains import choice_problem, literal_choices
-from mergetune.merge.sparsify import GlobalCut, TensorCut
+from mergetune.merge.order_stats import TensorOrder, row_ranks
+from mergetune.merge.sparsify import GlobalCut, scores_of
 
 PerModel = Union[float, Sequence[float]]
 """Annotation for a parameter that may differ per expert (a scalar applies to all)."""
 
 AUX_KINDS = ("moments", "fisher", "gram")
+ORDER_KINDS = ("magnitude.desc", "magnitude.asc", "saliency.desc", "row_ranks")
+"""Per-tensor order statistics a method may read: |τ| or v·τ² sorted one way (`TensorOrder`), |τ| ranks per row."""
 
 
 def tensor_generator(seed: int, tensor_name: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, tensor name): same recipe + seed → same bytes anywhere."""
+    """A CPU generator seeded from (seed, tensor name), for draws made once per merge (M³'s weights)."""
     digest = hashlib.blake2b(f"{seed}\x00{tensor_name}".encode(), digest_size=8).digest()
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
@@ -43,9 +54,43 @@ its tensors; see `sparsify.GlobalCut`); kind is "magnitude" (|τ|) or "saliency"
 Supplied by the engine, which computes it once per (expert, density) over the whole expert."""
 
 
+class TensorSummaries(Protocol):
+    """A tensor's order statistics per expert (index in the rule), computed once per study by the engine."""
+
+    def order(self, kind: str, model: int, direction: str) -> TensorOrder: ...
+
+    def row_ranks(self, model: int) -> Tensor: ...
+
+
+class InputSummaries:
+    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use."""
+
+    def __init__(self, deltas: list[Tensor], moments: list[Tensor] | None) -> None:
+        self._deltas, self._moments = deltas, moments
+        self._orders: dict[tuple[str, int], TensorOrder] = {}
+        self._ranks: dict[int, Tensor] = {}
+
+    def order(self, kind: str, model: int, direction: str) -> TensorOrder:
+        scores = None
+        order = self._orders.get((kind, model))
+        if order is None or direction not in order.ties:
+            scores = scores_of(kind, self._deltas[model], self._moments[model] if self._moments else None)
+        if order is None:
+            order = self._orders[(kind, model)] = TensorOrder.build(scores, (direction,))
+        elif direction not in order.ties:
+            order.add_direction(scores, direction)
+        return order
+
+    def row_ranks(self, model: int) -> Tensor:
+        if model not in self._ranks:
+            self._ranks[model] = row_ranks(self._deltas[model])
+        return self._ranks[model]
+
+
 @dataclass
 class TensorInputs:
-    """Everything a method may read for one tensor. All tensors are float32, same shape.
+    """Everything a method may read for one tensor, or for elements [offset, offset + n) of its flattened
+    entries (`full_shape` given; the inputs are then flat slices). All tensors are float32, same shape.
 
     Give `models` (θ_k) or `deltas` (τ_k = θ_k − θ₀); the other form is derived on first use
     and cached, so methods simply read whichever they need.
@@ -59,9 +104,14 @@ class TensorInputs:
     moments: list[Tensor] | None = None  # Adam exp_avg_sq per expert (full form)
     fisher: list[Tensor] | None = None  # diagonal Fisher per expert
     gram: list[Tensor] | None = None  # per expert X^T X of this linear layer's inputs (in × in)
-    generator: torch.Generator = field(default_factory=lambda: tensor_generator(0, ""))
     global_cut: GlobalCuts | None = None
-    seed: int | None = None  # the merge's seed, for draws shared by all its tensors (M³'s weights)
+    seed: int | None = None  # the merge's seed: keys the counter-based draws (DARE, DELLA) and M³'s weights
+    offset: int = 0  # the slice's first element in the flattened tensor
+    full_shape: tuple[int, ...] | None = None  # the whole tensor's shape when the inputs are a slice of it
+    summaries: TensorSummaries | None = None  # the engine's precomputed order statistics (else: from the inputs)
+    totals: Tensor | None = None  # the method's sums over the whole tensor (its `totals_pass` results, summed)
+    totals_pass: bool = False  # return the slice's partial sums instead of merging
+    memo: dict = field(default_factory=dict)  # facts derived once per tensor, shared by its slices
 
     def __post_init__(self) -> None:
         if (self.models_given is None) == (self.deltas_given is None):
@@ -75,6 +125,23 @@ class TensorInputs:
     def num_models(self) -> int:
         given = self.models_given if self.models_given is not None else self.deltas_given
         return len(given)
+
+    @property
+    def is_slice(self) -> bool:
+        return self.full_shape is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The whole tensor's shape."""
+        if self.full_shape is not None:
+            return tuple(self.full_shape)
+        given = self.models_given if self.models_given is not None else self.deltas_given
+        return tuple(given[0].shape)
+
+    @property
+    def numel(self) -> int:
+        """Entries of the whole tensor."""
+        return math.prod(self.shape)
 
     @cached_property
     def models(self) -> list[Tensor]:
@@ -90,12 +157,28 @@ class TensorInputs:
             raise ValueError(f"{self.name}: this method needs a base model")
         return [m - self.base for m in self.models_given]
 
-    def cut(self, kind: str, model: int, density: float) -> TensorCut:
-        """The keep-mask function of this tensor's scores under expert `model`'s global cut."""
+    def _summaries(self) -> TensorSummaries:
+        if self.summaries is not None:
+            return self.summaries
+        if self.is_slice:
+            raise ValueError(f"{self.name}: a slice needs the engine's order statistics (TensorInputs.summaries)")
+        if "summaries" not in self.memo:
+            self.memo["summaries"] = InputSummaries(self.deltas, self.moments)
+        return self.memo["summaries"]
+
+    def order(self, kind: str, model: int, direction: str) -> TensorOrder:
+        """Expert `model`'s scores of `kind` ("magnitude" |τ|, "saliency" v·τ²) on this tensor, in sort order."""
+        return self._summaries().order(kind, model, direction)
+
+    def row_ranks(self, model: int) -> Tensor:
+        """Expert `model`'s |τ| rank of every entry within its row, over the whole tensor (`order_stats.row_ranks`)."""
+        return self._summaries().row_ranks(model)
+
+    def cut(self, kind: str, model: int, density: float) -> GlobalCut:
+        """Expert `model`'s global cut keeping `density` of its scores of `kind` over all its tensors."""
         if self.global_cut is None:
             raise ValueError(f"{self.name}: global scope needs the expert's global cut from the merge engine")
-        cut = self.global_cut(kind, model, density)
-        return lambda scores: cut.mask(self.name, scores)
+        return self.global_cut(kind, model, density)
 
 
 @dataclass(frozen=True)
@@ -119,6 +202,9 @@ class MethodSpec:
     random: bool
     params: dict[str, ParamSpec]
     summary: str
+    sliceable: bool = False  # elementwise given per-tensor facts: may run over slices (see the module docstring)
+    totals: bool = False  # may need sums over the whole tensor before its slices (`totals_pass`)
+    orders: tuple[str, ...] = ()  # the order statistics (ORDER_KINDS) it may read
 
     def bind(self, params: dict[str, object], num_models: int) -> dict[str, object]:
         """Public params → keyword args: unknown names rejected, per-model lists length-checked."""
@@ -165,6 +251,9 @@ def register(
     needs: Sequence[str] = (),
     any_of: Sequence[str] = (),
     random: bool = False,
+    sliceable: bool = False,
+    totals: bool = False,
+    orders: Sequence[str] = (),
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register `fn` under `name`; its keyword-only parameters become the method's schema."""
 
@@ -184,9 +273,13 @@ def register(
         for kind in (*needs, *any_of):
             if kind not in AUX_KINDS:
                 raise ValueError(f"{name}: unknown aux kind {kind!r}")
+        for kind in orders:
+            if kind not in ORDER_KINDS:
+                raise ValueError(f"{name}: unknown order statistic {kind!r}")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
         _REGISTRY[name] = MethodSpec(
-            name, fn, needs_base, min_models, max_models, frozenset(needs), frozenset(any_of), random, params, summary
+            name, fn, needs_base, min_models, max_models, frozenset(needs), frozenset(any_of), random, params, summary,
+            sliceable, totals, tuple(orders),
         )
         return fn
 

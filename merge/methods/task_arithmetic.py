@@ -8,7 +8,7 @@ from mergetune.merge.methods.combine import combine
 from mergetune.merge.methods.registry import TensorInputs, register
 
 
-@register("task_arithmetic", needs_base=True, min_models=1)
+@register("task_arithmetic", needs_base=True, min_models=1, sliceable=True)
 def task_arithmetic(x: TensorInputs, *, lambda_: float = 1.0, normalize: bool = False) -> Tensor:
     """Scaled weighted sum of task vectors added to the base (mergekit `task_arithmetic`)."""
     return combine(x.base, x.deltas, x.weights, consensus=False, normalize=normalize, lambda_=lambda_)

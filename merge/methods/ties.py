@@ -6,12 +6,11 @@ from typing import Literal
 
 from torch import Tensor
 
-from mergetune.merge.methods.combine import combine, global_cuts
-from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import apply_mask, magnitude_mask, rescale_mode
+from mergetune.merge.methods.gta import gta
+from mergetune.merge.methods.registry import PerModel, TensorInputs, register
 
 
-@register("ties", needs_base=True, min_models=1)
+@register("ties", needs_base=True, min_models=1, sliceable=True, totals=True, orders=("magnitude.desc",))
 def ties(
     x: TensorInputs,
     *,
@@ -27,8 +26,7 @@ def ties(
     (`sparsify.topk_mask`); `scope: global` keeps each expert's top ⌊ρ·N⌋ |τ| over all its
     tensors (the paper; the cut comes from the engine) instead.
     """
-    rho = per_model(density, x.num_models)
-    mode = rescale_mode("ties", rescale)
-    cuts = global_cuts(x, "ties", scope, "magnitude", rho)
-    trimmed = [apply_mask(tau, magnitude_mask(tau, r, c), mode, r) for tau, r, c in zip(x.deltas, rho, cuts)]
-    return combine(x.base, trimmed, x.weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    return gta(
+        x, "ties", sparsify="magnitude", consensus=True,
+        density=density, lambda_=lambda_, normalize=normalize, rescale=rescale, scope=scope,
+    )  # fmt: skip
