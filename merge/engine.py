@@ -23,7 +23,8 @@ from mergetune.core.fs import atomic_output_dir
 from mergetune.core.versions import package_versions
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.reader import open_reader
-from mergetune.merge.methods.registry import InputSummaries
+from mergetune.merge.kernels import Kernels, kernels_for
+from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
 from mergetune.merge.thresholds import GlobalThresholds
 from mergetune.merge.recipe import Recipe
@@ -74,23 +75,26 @@ def merge_modelset(
     read = compute = write = 0.0
     with open_reader(modelset, device) as reader:
         thresholds = GlobalThresholds(reader.scores)
+        kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()))
         for name, plan in schedule:
             started = time.perf_counter()
             if plan is None:
                 out = reader.raw(modelset.reference, name)
                 loaded = time.perf_counter()
+            elif plan.sliceable:  # the inputs as stored, made float32 slice by slice in the method's kernels
+                base = reader.stored(modelset.base, name) if has_base else None
+                inputs = [reader.stored(modelset.experts[e], name) for e in plan.experts]
+                stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
+                loaded = time.perf_counter()
+                out = _merge_sliced(plan, name, base, inputs, stats, seed, thresholds, plan.uses_deltas(has_base), kernels)
             else:
                 base = reader.tensor(modelset.base, name) if has_base else None
                 inputs = [reader.tensor(modelset.experts[e], name) for e in plan.experts]
                 stats = {kind: complete_stats([reader.stat(kind, e, name) for e in plan.experts]) for kind in plan.stats}
                 loaded = time.perf_counter()
-                deltas = plan.uses_deltas(has_base)
-                if deltas:
+                if plan.uses_deltas(has_base):
                     inputs = [m.sub_(base) for m in inputs]  # task vectors made in place from the fresh reads
-                if plan.sliceable:
-                    out = _merge_sliced(plan, name, base, inputs, stats, seed, thresholds, deltas)
-                else:
-                    out = merge_inputs(plan, name, base, inputs, stats, seed, thresholds)
+                out = merge_inputs(plan, name, base, inputs, stats, seed, thresholds)
             computed = time.perf_counter()
             sink.write(name, out)
             read += loaded - started
@@ -102,18 +106,25 @@ def merge_modelset(
     return {"read_s": read, "compute_s": compute, "write_s": write}
 
 
-def _merge_sliced(plan, name, base, inputs, stats, seed, thresholds, deltas: bool) -> torch.Tensor:
-    """A sliceable rule over slices of the whole tensors just read (views, no copies), as the resident merge runs it."""
-    shape = tuple(inputs[0].shape)
-    flat = lambda t: t.reshape(-1)  # noqa: E731
+def _merge_sliced(plan, name, base, models, stats, seed, thresholds, deltas: bool, kernels: Kernels) -> torch.Tensor:
+    """A sliceable rule over slices of the whole stored tensors just read (views, no copies), as the resident merge runs it."""
+    shape = tuple(models[0].shape)
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1)
 
     def fetch(start: int, stop: int):
         sliced = {kind: None if ts is None else [flat(t)[start:stop] for t in ts] for kind, ts in stats.items()}
-        return (None if base is None else flat(base)[start:stop]), [flat(t)[start:stop] for t in inputs], sliced
+        return StoredSlice(None if base is None else flat(base)[start:stop], [flat(m)[start:stop] for m in models]), sliced
 
-    summaries = InputSummaries(inputs, stats.get("moments")) if deltas else None
-    out = torch.empty(inputs[0].numel(), dtype=torch.float32, device=inputs[0].device)
-    return merge_sliced(plan, name, shape, fetch, out, chunk_elements(inputs[0].device.type), seed, thresholds, summaries)
+    def task_vectors() -> list[torch.Tensor]:
+        b = base.to(torch.float32)
+        return [m.to(torch.float32) - b for m in models]
+
+    summaries = InputSummaries(task_vectors, stats.get("moments")) if deltas else None
+    out = torch.empty(models[0].numel(), dtype=torch.float32, device=models[0].device)
+    chunk = chunk_elements(models[0].device.type, kernels.compiled)
+    return merge_sliced(plan, name, shape, fetch, out, chunk, seed, thresholds, summaries, kernels)
 
 
 def model_card(recipe: Recipe, seed: int) -> str:

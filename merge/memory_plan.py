@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from mergetune.merge.kernels import kernels_for
 from mergetune.merge.method_memory import method_peak_buffers
 from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
@@ -168,6 +169,7 @@ class _Inputs:
     base_bytes: int
     largest_name: str
     largest_elements: int
+    largest_dtype: torch.dtype
     stat_elements: dict[str, int]
     config: dict
 
@@ -188,6 +190,7 @@ class _Inputs:
             base_bytes=sum(info.nbytes for info in ref.infos.values()),
             largest_name=name,
             largest_elements=elements,
+            largest_dtype=ref.infos[name].dtype,
             stat_elements={kind: largest_stat(modelset, kind) for kind in modelset.stats},
             config=config,
         )
@@ -214,13 +217,15 @@ def workspace_bytes(
         available = {kind: set(files) for kind, files in modelset.stats.items()}
         stats = stat_kinds(spec, list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
-        roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk_elements(device))
+        chunk = chunk_elements(device, kernels_for(inputs.base_elements).compiled)
+        roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk, staged=device == "cuda")
         needs = {role: n * 4 for role, n in roles_here.items()}
         # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized, but for
         # the tie masks of its selections (one bool per entry and expert, kept while the tensor merges).
-        per_call = min(inputs.largest_elements, chunk_elements(device)) * 4 if sliced else largest
-        peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params) * per_call) for params in use.params)
-        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + (4 * k * 8 if spec.totals else 0)  # + float64 sums
+        per_call = min(inputs.largest_elements, chunk) * 4 if sliced else largest
+        stored = str(inputs.largest_dtype).removeprefix("torch.")
+        peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params, stored) * per_call) for params in use.params)
+        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + SCALAR_BYTES
         roles.update(needs)
         transient = max(transient, peak)
         per_method[use.name] = sum(needs.values()) + peak
@@ -243,6 +248,9 @@ def order_statistics_bytes(modelset: ModelSet, methods: list[MethodUse]) -> dict
         else:
             out[kind] = ORDER_BYTES_PER_ENTRY * entries
     return out
+
+
+SCALAR_BYTES = 4096  # a method's scalar temporaries (weights, float64 sums): negligible, but counted
 
 
 def tie_mask_bytes(spec, experts: int, largest: int) -> int:

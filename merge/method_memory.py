@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mergetune.merge.methods import TensorInputs, get_method
-from mergetune.merge.methods.registry import InputSummaries
+from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.sparsify import GlobalCut
 
 PROBE_SHAPE = (128, 256)
@@ -60,12 +60,15 @@ class PeakAllocations(TorchDispatchMode):
 
 
 @lru_cache(maxsize=None)
-def method_peak_buffers(method: str, num_models: int, stats: tuple[str, ...], params: tuple[tuple[str, object], ...]) -> float:
+def method_peak_buffers(
+    method: str, num_models: int, stats: tuple[str, ...], params: tuple[tuple[str, object], ...], stored: str = "float32"
+) -> float:
     """Peak bytes a method allocates for one tensor (its output included), in float32 tensors of that size.
 
     The inputs — base, task vectors (or models) and statistics, which the resident merge keeps
     in its workspace — are made before measuring. A sliceable method is measured as one slice of
-    a tensor whose order statistics, whole-tensor sums and per-tensor facts (`TensorInputs.memo`)
+    a tensor stored in dtype `stored` (its inputs reach it as stored: float32 copies of a bf16 slice
+    count), whose order statistics, whole-tensor sums and per-tensor facts (`TensorInputs.memo`)
     exist already, as for every slice after a tensor's first. `params` are public recipe params.
     """
     spec = get_method(method)
@@ -75,36 +78,35 @@ def method_peak_buffers(method: str, num_models: int, stats: tuple[str, ...], pa
     def tensor(scale: float = 1.0) -> torch.Tensor:
         return torch.randn(PROBE_SHAPE, generator=gen) * scale
 
-    given = [tensor(0.01) for _ in range(num_models)]
+    base = tensor()
+    models = [(base + tensor(0.01)).to(getattr(torch, stored)) for _ in range(num_models)]
+    base = base.to(getattr(torch, stored))
+    deltas = [m.float() - base.float() for m in models]
     positive = {kind: [tensor().abs() * 1e-12 for _ in range(num_models)] for kind in stats if kind != "gram"}
     grams = [torch.eye(cols) + 0.1 * torch.ones(cols, cols) for _ in range(num_models)] if "gram" in stats else None
     name = f"probe.{rows}x{cols}"
-
-    def flat(ts: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-        return None if ts is None or not spec.sliceable else [t.reshape(-1) for t in ts]
-
-    sliced = {}
-    if spec.sliceable and spec.needs_base:
-        sliced = {"full_shape": PROBE_SHAPE, "summaries": InputSummaries(given, positive.get("moments"))}
-    inputs = dict(
+    common = dict(
         name=name,
-        base=tensor().reshape(-1) if spec.sliceable else tensor(),
         weights=[1.0 / num_models] * num_models,
-        models_given=None if spec.needs_base else (flat(given) or given),
-        deltas_given=(flat(given) or given) if spec.needs_base else None,
-        moments=flat(positive.get("moments")) or positive.get("moments"),
-        fisher=flat(positive.get("fisher")) or positive.get("fisher"),
         gram=grams,
         global_cut=lambda kind, index, keep: GlobalCut(0.01),  # about a third of the probe's |τ|
         seed=0,
-        **sliced,
     )
     kwargs = spec.bind(dict(params), num_models)
-    x = TensorInputs(**inputs)
-    if sliced:
-        totals = spec.fn(TensorInputs(**inputs, totals_pass=True, memo=x.memo), **kwargs) if spec.totals else None
+    if spec.sliceable:
+        summaries = InputSummaries(deltas, positive.get("moments")) if spec.needs_base else None
+        flat = {kind: [t.reshape(-1) for t in ts] for kind, ts in positive.items()}
+        sliced = dict(
+            stored=StoredSlice(base.reshape(-1), [m.reshape(-1) for m in models]),
+            moments=flat.get("moments"), fisher=flat.get("fisher"), full_shape=PROBE_SHAPE, summaries=summaries, memo={},
+        )  # fmt: skip
+        x = TensorInputs(**common, **sliced)
+        totals = spec.fn(TensorInputs(**common, **sliced, totals_pass=True), **kwargs) if spec.totals else None
         x.totals = totals if totals is not None and totals.numel() else None
         spec.fn(x, **kwargs)  # the tensor's first slice: its selections and tie masks, kept for the others
+    else:
+        given = dict(deltas_given=deltas) if spec.needs_base else dict(models_given=[m.float() for m in models])
+        x = TensorInputs(**common, base=base.float(), moments=positive.get("moments"), fisher=positive.get("fisher"), **given)
     tracker = PeakAllocations()
     with tracker:
         out = spec.fn(x, **kwargs)

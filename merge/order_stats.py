@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mergetune.merge.kernels import within
+
 Direction = Literal["desc", "asc"]
 DIRECTIONS: tuple[str, ...] = ("desc", "asc")
 
@@ -149,8 +151,8 @@ class TensorOrder:
         if lo_run == hi_run:
             whole, part = covered(lo_run)
             if not whole:
-                return Selection(self.value(lo), False, self.value(lo), False, [self.tie_indices(direction, *part)])
-            return Selection(self.value(lo), True, self.value(lo), True, [])
+                return Selection.bounded(self.value(lo), False, self.value(lo), False, [self.tie_indices(direction, *part)])
+            return Selection.bounded(self.value(lo), True, self.value(lo), True, [])
         bounds = []
         for run, at in ((lo_run, lo), (hi_run, hi)):
             whole, part = covered(run)
@@ -162,7 +164,7 @@ class TensorOrder:
             low = -math.inf  # the smallest run, whole: no lower bound to compare
         if high_whole and hi_run[1] == n:
             high = math.inf
-        return Selection(low, low_whole, high, high_whole, indices)
+        return Selection.bounded(low, low_whole, high, high_whole, indices)
 
     def top(self, k: int) -> Selection:
         """The k largest scores (descending positions [0, k))."""
@@ -199,67 +201,63 @@ class TensorOrder:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _next_float(value: float, toward: float) -> float:
+    """The float32 next to `value` toward `toward` (±inf stays)."""
+    if math.isinf(value):
+        return value
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)))
+
+
 @dataclass
 class Selection:
-    """Which entries of a tensor's scores are kept: those between two values, plus listed flat indices.
+    """Which entries of a tensor's scores are kept: those strictly between two float32 bounds, plus listed indices.
 
-    Kept: low < s < high (≤ where `low_inclusive` / `high_inclusive`: the range covers that
-    boundary's run of equal values whole), and the entries at `indices` (the covered part of a
-    boundary run, in the sort's tie order). `everything()` / `nothing()` keep all / none.
+    Kept: low < s < high (an inclusive boundary — the range covers that boundary's run of equal
+    values whole — is the next float outward), and the entries at `indices` (the covered part of
+    a boundary run, in the sort's tie order). `everything()` / `nothing()` keep all / none.
     """
 
     low: float
-    low_inclusive: bool
     high: float
-    high_inclusive: bool
     indices: list[Tensor]
-    keep: bool | None = None  # True: every entry, False: none, None: as the bounds say
     _tied: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
+    def bounded(cls, low: float, low_inclusive: bool, high: float, high_inclusive: bool, indices: list[Tensor]) -> Selection:
+        low = _next_float(low, -math.inf) if low_inclusive else low
+        high = _next_float(high, math.inf) if high_inclusive else high
+        return cls(low, high, indices)
+
+    @classmethod
     def everything(cls) -> Selection:
-        return cls(-math.inf, True, math.inf, True, [], keep=True)
+        return cls(-math.inf, math.inf, [])
 
     @classmethod
     def nothing(cls) -> Selection:
-        return cls(math.inf, False, -math.inf, False, [], keep=False)
+        return cls(math.inf, -math.inf, [])
 
     @property
     def count_listed(self) -> int:
         return sum(t.numel() for t in self.indices)
 
-    def tied(self, numel: int, device: torch.device) -> Tensor | None:
-        """A bool tensor of the whole tensor's size, True at the listed indices (made once per device); None if none."""
+    def tied(self, numel: int, device: torch.device, offset: int = 0, count: int | None = None) -> Tensor | None:
+        """Entries [offset, offset + count) of a uint8 tensor of the whole tensor's size, 1 at the listed indices
+        (made once per device); None when none are listed."""
         if not self.indices:
             return None
         if device not in self._tied:
-            out = torch.zeros(numel, dtype=torch.bool, device=device)
+            out = torch.zeros(numel, dtype=torch.uint8, device=device)
             for t in self.indices:
-                out[t.to(device=device, dtype=torch.int64)] = True
+                out[t.to(device=device, dtype=torch.int64)] = 1
             self._tied[device] = out
-        return self._tied[device]
+        return self._tied[device][offset : offset + (numel if count is None else count)]
 
     def mask(self, scores: Tensor, offset: int = 0, numel: int | None = None) -> Tensor:
         """The keep-mask of `scores`: elements [offset, offset + scores.numel()) of a tensor of `numel` entries
         (the whole tensor by default)."""
-        if self.keep is not None:
-            return torch.full_like(scores, self.keep, dtype=torch.bool)
-        keep = within(scores, self.low, self.low_inclusive, self.high, self.high_inclusive)
-        tied = self.tied(numel if numel is not None else scores.numel(), scores.device)
-        if tied is not None:
-            keep |= tied[offset : offset + scores.numel()].view(scores.shape)
-        return keep
-
-
-def within(s: Tensor, low: float, low_inclusive: bool, high: float, high_inclusive: bool) -> Tensor:
-    """low < s < high, with ≤ on an inclusive side; an infinite bound is not compared."""
-    keep = None
-    if low != -math.inf:
-        keep = s >= low if low_inclusive else s > low
-    if high != math.inf:
-        upper = s <= high if high_inclusive else s < high
-        keep = upper if keep is None else keep & upper
-    return torch.ones_like(s, dtype=torch.bool) if keep is None else keep
+        keep = within(scores, self.low, self.high)
+        tied = self.tied(numel if numel is not None else scores.numel(), scores.device, offset, scores.numel())
+        return keep if tied is None else keep | tied.view(scores.shape).bool()
 
 
 def row_ranks(tau: Tensor) -> Tensor:

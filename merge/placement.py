@@ -167,6 +167,15 @@ class Staged:
     def tensor(self, key: Key) -> Tensor:
         return self._tensors[key]
 
+    @property
+    def streams(self) -> bool:
+        """Whether the inputs still have to be copied to the device (`fill`), rather than read where they are (`flat`)."""
+        return self._stager is not None
+
+    def flat(self, key: Key) -> Tensor:
+        """The stored tensor `key`, flattened, where it is (device memory, a prefetched slab, the host mapping)."""
+        return self._tensors[key].reshape(-1)
+
     def fill(self, out: Tensor, key: Key, start: int | None = None, stop: int | None = None) -> Tensor:
         """out ← elements [start, stop) of the flattened stored tensor `key`, as float32 (exact: a widening copy)."""
         src = self._tensors[key]

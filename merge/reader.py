@@ -42,6 +42,10 @@ class ModelSetReader:
     def tensor(self, ckpt: Checkpoint, name: str) -> Tensor:
         return self.raw(ckpt, name).to(self.device, torch.float32)
 
+    def stored(self, ckpt: Checkpoint, name: str) -> Tensor:
+        """The stored tensor, in its own dtype, on the merge's device."""
+        return self.raw(ckpt, name).to(self.device)
+
     def stat(self, kind: str, expert: str, name: str) -> Tensor | None:
         stats = self.modelset.stats[kind].get(expert)
         key = stats.key(name) if stats is not None else None

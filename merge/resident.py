@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergetune.merge.kernels import kernels_for
+from mergetune.merge.methods.registry import StoredSlice
 from mergetune.merge.modelset import Checkpoint, ModelSet, rebuild_stat
 from mergetune.merge.moments import rank1_reconstruct_slice
 from mergetune.merge.placement import Key, Placement, ResidentInputs, Staged
@@ -48,20 +50,27 @@ def largest_stat(modelset: ModelSet, kind: str) -> int:
     return max((math.prod(stats.shape(key)) for stats in modelset.stats[kind].values() for key in stats.keys()), default=0)
 
 
-def workspace_roles(sliced: bool, experts: int, stat_elements: dict[str, int], largest: int, chunk: int) -> dict[object, int]:
+def workspace_roles(
+    sliced: bool, experts: int, stat_elements: dict[str, int], largest: int, chunk: int, staged: bool = False
+) -> dict[object, int]:
     """The float32 buffers (role → elements) a rule allocates in the workspace, kept for the worker's life.
 
     A method gets the base, each expert's input and each statistic at the largest tensor's size.
-    A sliced rule gets its output at that size and slices of `chunk` elements for its inputs and
-    statistics — the method's own buffers when no tensor is larger than one slice.
+    A sliced rule gets its output at that size and slices of `chunk` elements for its statistics —
+    the method's own buffers when no tensor is larger than one slice; its base and experts are read
+    as stored.
     """
-    if sliced and chunk < largest:
-        roles = {"out": largest, "chunk.base": chunk, **{("chunk.input", k): chunk for k in range(experts)}}
-        for kind in stat_elements:
-            roles.update({("chunk.stat", kind, k): chunk for k in range(experts)})
+    if sliced:
+        # The base and experts reach the method as stored (views); only inputs streamed from the host to a
+        # GPU (`staged`) are copied, slice by slice, into float32 buffers.
+        prefix, size = ("chunk.", chunk) if chunk < largest else ("", None)
+        roles: dict[object, int] = {"out": largest}
+        if staged:
+            roles.update({prefix + "base": size or largest, **{(prefix + "input", k): size or largest for k in range(experts)}})
+        for kind, elements in stat_elements.items():
+            roles.update({(prefix + "stat", kind, k): size or elements for k in range(experts)})
         return roles
-    roles: dict[object, int] = {"out": largest} if sliced else {}
-    roles.update({"base": largest, **{("input", k): largest for k in range(experts)}})
+    roles = {"base": largest, **{("input", k): largest for k in range(experts)}}
     for kind, elements in stat_elements.items():
         roles.update({("stat", kind, k): elements for k in range(experts)})
     return roles
@@ -99,6 +108,7 @@ class ResidentModelSet:
         self._largest = largest_tensor(modelset)[1]
         self._stat_sizes = {kind: largest_stat(modelset, kind) for kind in modelset.stats}
         ranks_device = self.device if self.placement == "device" else torch.device("cpu")
+        self.kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()))
         self.summaries = ModelSummaries(
             modelset.tensor_names,
             self._task_vector,
@@ -210,28 +220,27 @@ class ResidentModelSet:
         return rebuild_stat([row, col], out=out)
 
     def _merge_in_slices(self, name: str, plan: RulePlan, staged: Staged, seed: int) -> Tensor:
-        """A sliceable rule, slice by slice of the flattened tensors, into the `out` buffer (same bytes as whole)."""
+        """A sliceable rule, slice by slice of the flattened tensors, into the `out` buffer (same bytes as whole).
+
+        The base and experts go to the method as stored (views of the staged inputs: no float32 copies); the
+        statistics are filled in float32 slice buffers (rank-1 moments expanded for the slice only).
+        """
         ms = self.modelset
         info = ms.reference.infos[name]
-        deltas = plan.uses_deltas(ms.base is not None)
         stat_sizes = {kind: self._stat_sizes[kind] for kind in plan.stats}
-        roles = workspace_roles(True, len(plan.experts), stat_sizes, self._largest, chunk_elements(self.device.type))
-        chunk = min(self._largest, chunk_elements(self.device.type))
+        chunk = min(self._largest, chunk_elements(self.device.type, self.kernels.compiled))
+        roles = workspace_roles(True, len(plan.experts), stat_sizes, self._largest, chunk, staged.streams)
         prefix = "chunk." if chunk < self._largest else ""
-        base_key = self._weight(ms.base, name) if deltas else None
+        base_key = self._weight(ms.base, name) if ms.base is not None else None
         expert_keys = [self._weight(ms.experts[e], name) for e in plan.experts]
         stats = {kind: [self._stat_entries(kind, e, name) for e in plan.experts] for kind in plan.stats}
 
-        def buffer(role: object, size: int) -> Tensor:
-            return self.workspace.buffer(role, roles[role])[:size]
+        def stored(role: object, key: Key, start: int, stop: int) -> Tensor:
+            if not staged.streams:
+                return staged.flat(key)[start:stop]
+            return staged.fill(self.workspace.buffer(role, roles[role])[: stop - start], key, start, stop)
 
         def fetch(start: int, stop: int):
-            size = stop - start
-            base = staged.fill(buffer(prefix + "base", size), base_key, start, stop) if deltas else None
-            inputs = []
-            for k, key in enumerate(expert_keys):
-                t = staged.fill(buffer((prefix + "input", k), size), key, start, stop)
-                inputs.append(t.sub_(base) if deltas else t)
             sliced_stats = {}
             for kind, entries in stats.items():
                 tensors = []
@@ -240,18 +249,20 @@ class ResidentModelSet:
                         tensors.append(None)
                         continue
                     shape, keys = found
-                    out = buffer((prefix + "stat", kind, k), size)
+                    out = self.workspace.buffer((prefix + "stat", kind, k), roles[(prefix + "stat", kind, k)])[: stop - start]
                     if len(keys) == 1:
                         tensors.append(staged.fill(out, keys[0], start, stop))
                     else:  # rank-1: two small vectors, expanded for this slice only
                         row, col = (staged.tensor(key).to(self.device, torch.float32) for key in keys)
                         tensors.append(rank1_reconstruct_slice(row, col, start, stop, out=out))
                 sliced_stats[kind] = complete_stats(tensors)
-            return base, inputs, sliced_stats
+            base = None if base_key is None else stored(prefix + "base", base_key, start, stop)
+            models = [stored((prefix + "input", k), key, start, stop) for k, key in enumerate(expert_keys)]
+            return StoredSlice(base, models), sliced_stats
 
-        summaries = self.summaries.for_tensor(name, plan.experts) if deltas else None
+        summaries = self.summaries.for_tensor(name, plan.experts) if plan.uses_deltas(ms.base is not None) else None
         out = self.workspace.buffer("out", self._largest)
-        return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries)
+        return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries, self.kernels)
 
     # --- order statistics: the task vectors (and moments) of one expert's tensor, from the stored inputs ---
     def _task_vector(self, expert: str, name: str) -> Tensor:

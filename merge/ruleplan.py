@@ -19,17 +19,26 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ModelSetError, NonFiniteMergeError
+from mergetune.merge.kernels import EAGER, Kernels
 from mergetune.merge.methods import MethodSpec, TensorInputs, get_method
-from mergetune.merge.methods.registry import GlobalCuts, TensorSummaries
+from mergetune.merge.methods.registry import StoredSlice, TensorSummaries
+from mergetune.merge.sparsify import GlobalCut
 from mergetune.merge.modelset import STAT_FIXES, STAT_NAMES, ModelSet
 from mergetune.merge.recipe import Recipe, Rule, layer_position
 
-# Slices of sliceable rules: cache-sized on a CPU (1 MB of float32: measured 2.4× faster than
-# 64 MB slices), few kernel launches on a GPU.
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Slices of sliceable rules: cache-sized on a CPU for eager kernels (1 MB of float32: measured 2.4×
+# faster than 64 MB slices), larger for compiled ones (each call costs ~70 µs of Python), few kernel
+# launches on a GPU.
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cpu.compiled": 1 << 20, "cuda": 1 << 24}
 
 
-def chunk_elements(device_type: str) -> int:
+ExpertCuts = Callable[[str, str, float], GlobalCut]
+"""(kind, expert name, keep fraction) → the expert's global cut (`thresholds.GlobalThresholds` / `SummaryThresholds`)."""
+
+
+def chunk_elements(device_type: str, compiled: bool = False) -> int:
+    if device_type == "cpu":
+        return CHUNK_ELEMENTS["cpu.compiled" if compiled else "cpu"]
     return CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"])
 
 
@@ -130,13 +139,14 @@ def merge_tensor(
     deltas: list[Tensor] | None,
     stats: dict[str, list[Tensor] | None],
     seed: int,
-    thresholds: Callable[[str, str, float], object],
+    thresholds: ExpertCuts,
+    stored: StoredSlice | None = None,
     **slice_fields: object,
 ) -> Tensor:
-    """Run one rule's method on one tensor, or on a slice of it (`slice_fields`: `TensorInputs`'s offset,
-    full_shape, summaries, totals, totals_pass, memo); float32 in, float32 out. A non-finite result stops the merge."""
+    """Run one rule's method on one tensor, or on a slice of it (`stored` inputs; `slice_fields`: `TensorInputs`'s
+    offset, full_shape, summaries, totals, totals_pass, memo, kernels); float32 out. A non-finite result stops the merge."""
 
-    def cut(kind: str, index: int, keep: float):
+    def cut(kind: str, index: int, keep: float) -> GlobalCut:
         return thresholds(kind, plan.experts[index], keep)
 
     inputs = TensorInputs(
@@ -145,6 +155,7 @@ def merge_tensor(
         weights=plan.weights,
         models_given=models,
         deltas_given=deltas,
+        stored=stored,
         moments=stats.get("moments"),
         fisher=stats.get("fisher"),
         gram=stats.get("gram"),
@@ -155,12 +166,13 @@ def merge_tensor(
     out = plan.spec.fn(inputs, **plan.kwargs)
     if inputs.totals_pass:
         return out
-    reference = base if base is not None else (models or deltas)[0]
+    given = stored.models if stored is not None else (models if models is not None else deltas)
+    reference = stored.base if stored is not None and stored.base is not None else (base if base is not None else given[0])
     if out.shape != reference.shape:
         raise ValueError(f"method '{plan.spec.name}' returned shape {list(out.shape)} for {name} {list(reference.shape)}")
     # The sum is one pass without a mask allocation; only a non-finite sum (or an overflow) looks closer.
     if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-        given = models if models is not None else deltas
+        base = stored.base if stored is not None else base
         culprit = "the base model" if base is not None and not torch.isfinite(base).all() else next(
             (f"expert {e!r}" for e, t in zip(plan.experts, given) if not torch.isfinite(t).all()), None
         )
@@ -183,7 +195,7 @@ def merge_inputs(
     inputs: list[Tensor],
     stats: dict[str, list[Tensor] | None],
     seed: int,
-    thresholds: GlobalCuts | Callable[[str, str, float], object],
+    thresholds: ExpertCuts,
     **slice_fields: object,
 ) -> Tensor:
     """One rule on one tensor (or a slice of it, see `merge_tensor`) from its float32 inputs:
@@ -193,8 +205,8 @@ def merge_inputs(
     return merge_tensor(plan, name, base, inputs, None, stats, seed, thresholds, **slice_fields)
 
 
-Slice = tuple[Tensor | None, list[Tensor], dict[str, list[Tensor] | None]]
-"""One slice's float32 inputs, flat: base (None without one), τ_k or θ_k per expert, statistics by kind."""
+Slice = tuple[StoredSlice, dict[str, list[Tensor] | None]]
+"""One slice's inputs, flat: base and models as stored, and float32 statistics by kind."""
 
 
 def merge_sliced(
@@ -205,29 +217,30 @@ def merge_sliced(
     out: Tensor,
     chunk: int,
     seed: int,
-    thresholds: Callable[[str, str, float], object],
+    thresholds: ExpertCuts,
     summaries: TensorSummaries | None,
+    kernels: Kernels = EAGER,
 ) -> Tensor:
     """A sliceable rule over slices [start, start + chunk) of the flattened tensor, into `out` (flat, at least the
-    tensor's size); returns `out`'s first entries as the tensor. `fetch(start, stop)` gives a slice's inputs.
+    tensor's size); returns `out`'s first entries as the tensor. `fetch(start, stop)` gives a slice's inputs as
+    stored (the methods make float32 task vectors of them in their kernels: float32(θ_k) − float32(θ₀)).
 
     A method that declares `totals` first sums its partial sums over every slice (float64, in slice order),
     then merges each slice with them.
     """
     n = math.prod(shape)
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    memo: dict = {}
-    fields = {"full_shape": tuple(shape), "summaries": summaries, "memo": memo}
+    fields = {"full_shape": tuple(shape), "summaries": summaries, "memo": {}, "kernels": kernels}
     totals = None
     if plan.spec.totals:
         for start, stop in bounds:
-            base, inputs, stats = fetch(start, stop)
-            part = merge_inputs(plan, name, base, inputs, stats, seed, thresholds, offset=start, totals_pass=True, **fields)
+            stored, stats = fetch(start, stop)
+            part = merge_tensor(plan, name, None, None, None, stats, seed, thresholds, stored, offset=start, totals_pass=True, **fields)
             if part.numel() == 0:
                 break  # this rule's params need no sums
             totals = part if totals is None else totals + part
     for start, stop in bounds:
-        base, inputs, stats = fetch(start, stop)
-        merged = merge_inputs(plan, name, base, inputs, stats, seed, thresholds, offset=start, totals=totals, **fields)
+        stored, stats = fetch(start, stop)
+        merged = merge_tensor(plan, name, None, None, None, stats, seed, thresholds, stored, offset=start, totals=totals, **fields)
         out[start:stop].copy_(merged)
     return out[:n].view(shape)

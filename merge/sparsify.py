@@ -40,7 +40,8 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.counter_rng import keep_from_bits
+from mergetune.merge import kernels
+from mergetune.merge.kernels import EAGER
 from mergetune.merge.order_stats import row_ranks
 
 RescaleMode = Literal["inverse_keep", "l1"]
@@ -181,14 +182,7 @@ def global_cut(k: int, threshold: float, counts: Iterable[tuple[str, int, int]])
     return GlobalCut(threshold, ties)
 
 
-# --- random masks ---
-
-
-def random_keep(bits: Tensor, density: float) -> Tensor | None:
-    """DARE: keep each entry with probability ρ (uniform < ρ of its counter-based draw); None keeps all."""
-    if density >= 1:
-        return None
-    return keep_from_bits(bits, max(density, 0.0))
+# --- DELLA's keep probabilities ---
 
 
 def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon: float) -> Tensor:
@@ -202,7 +196,7 @@ def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon:
     epsilon = max(0.0, min(epsilon, density, 1.0 - density))
     if row_length < 2:
         return torch.full(ranks.shape, density, dtype=torch.float32, device=ranks.device)
-    return (density - epsilon) + (2 * epsilon / (row_length - 1)) * ranks.to(torch.float32)
+    return kernels.della_probabilities(ranks, density - epsilon, 2 * epsilon / (row_length - 1))
 
 
 def row_length(shape: tuple[int, ...]) -> int:
@@ -226,7 +220,7 @@ def l1_factor(before: float, after: float) -> float | None:
 
 
 def apply_mask(tau: Tensor, mask: Tensor | None, rescale: RescaleMode | None, keep: float | Tensor = 1.0, factor: float | None = None) -> Tensor:
-    """τ with dropped entries zeroed (None: none dropped); survivors rescaled.
+    """τ with dropped entries zeroed (None: none dropped); survivors rescaled (`kernels.rescaled`).
 
     `l1` multiplies by `factor` (`l1_factor` of the whole tensor's norms before and after the mask;
     mergekit's `rescale: true`); `inverse_keep` divides by the keep probability (1/ρ for DARE, 1/π_i
@@ -234,17 +228,10 @@ def apply_mask(tau: Tensor, mask: Tensor | None, rescale: RescaleMode | None, ke
     """
     if mask is None:
         return tau
-    masked = tau * mask
-    if rescale is None:
-        return masked
-    if rescale == "inverse_keep":
-        if isinstance(keep, Tensor):
-            return torch.where(mask, masked / keep.clamp_min(torch.finfo(torch.float32).tiny), masked)
-        return masked / keep if keep > 0 else masked
-    return masked if factor is None else masked * factor
+    divide_by = keep if rescale == "inverse_keep" and (isinstance(keep, Tensor) or keep > 0) else None
+    return EAGER.rescaled(tau, mask, factor if rescale == "l1" else None, divide_by)
 
 
-def l1_sums(tau: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ|τ|, Σ|τ·mask|) in float64: the norms `l1_factor` compares, summable over slices."""
-    magnitude = tau.abs()
-    return magnitude.sum(dtype=torch.float64), (magnitude * mask).sum(dtype=torch.float64)
+def l1_sums(tau: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ|τ|, Σ|τ̂|) in float64 for τ̂ = τ·mask: the norms `l1_factor` compares, summable over slices."""
+    return tau.abs().sum(dtype=torch.float64), masked.abs().sum(dtype=torch.float64)

@@ -158,10 +158,10 @@ def test_random_mask_keeps_about_rho_and_inverse_keep_rescales_by_one_over_rho()
 def test_l1_rescale_restores_the_l1_norm_and_skips_tiny_norms():
     tau = T(1, -2, 3, -4)
     mask = torch.tensor([True, False, False, True])
-    out = apply_mask(tau, mask, "l1", factor=l1_factor(*map(float, l1_sums(tau, mask))))
+    out = apply_mask(tau, mask, "l1", factor=l1_factor(*map(float, l1_sums(tau, tau * mask))))
     assert_close(out, T(1, 0, 0, -4) * 2.0)  # ‖τ‖₁ = 10, kept 5
     tiny, keep = T(1e-9, 2e-9), torch.tensor([True, False])
-    assert l1_factor(*map(float, l1_sums(tiny, keep))) is None
+    assert l1_factor(*map(float, l1_sums(tiny, tiny * keep))) is None
     assert_close(apply_mask(tiny, keep, "l1", factor=None), T(1e-9, 0))
 
 

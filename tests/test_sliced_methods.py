@@ -16,7 +16,7 @@ from test_order_stats import global_reference
 
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.combine import combine
-from mergetune.merge.methods.registry import InputSummaries, per_model
+from mergetune.merge.methods.registry import InputSummaries, StoredSlice, per_model
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
 from mergetune.merge.sparsify import GlobalCut, band_mask, scores_of, topk_mask
 from mergetune.merge.thresholds import GlobalThresholds
@@ -24,6 +24,7 @@ from mergetune.merge.thresholds import GlobalThresholds
 torch.set_num_threads(1)
 PROPERTY = settings(max_examples=25, deadline=None)
 NAME = "model.layers.0.mlp.up_proj.weight"
+MODELS: dict[tuple[int, ...], list[torch.Tensor]] = {}  # the models behind each set of task vectors made here
 
 CASES = {
     "ties": {"density": 0.3},
@@ -56,7 +57,14 @@ def inputs_for(shape: tuple[int, ...], bf16: bool, seed: int, experts: int = 3):
     moments = [torch.rand(shape, generator=gen) * 1e-12 for _ in range(experts)]
     if bf16:
         moments = [m.bfloat16().float() for m in moments]
-    return base, [m - base for m in models], moments
+    deltas = [m - base for m in models]
+    MODELS[tuple(id(d) for d in deltas)] = models
+    return base, deltas, moments
+
+
+def stored_models(base: torch.Tensor, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The experts θ_k whose task vectors θ_k − θ₀ (float32) are `deltas`, as `inputs_for` made them."""
+    return MODELS[tuple(id(d) for d in deltas)]
 
 
 def cuts_for(deltas, moments):
@@ -83,12 +91,12 @@ def sliced(method: str, base, deltas, moments, params, chunk: int, seed: int = 5
     spec = get_method(method)
     uses_deltas = spec.needs_base
     plan = RulePlan(0, None, spec, ["0", "1", "2"][: len(deltas)], [0.7, 0.4, 0.9][: len(deltas)], spec.bind(params, len(deltas)), ())
-    flat = [t.reshape(-1) for t in (deltas if uses_deltas else [base + d for d in deltas])]
+    flat = [t.reshape(-1) for t in stored_models(base, deltas)]
     thresholds = cuts_for(deltas, moments)
 
     def fetch(start, stop):
         stats = {"moments": [m.reshape(-1)[start:stop] for m in moments]} if method == "ota" else {}
-        return base.reshape(-1)[start:stop], [t[start:stop] for t in flat], stats
+        return StoredSlice(base.reshape(-1)[start:stop], [t[start:stop] for t in flat]), stats
 
     def expert_cut(kind, expert, keep):
         return thresholds(kind, int(expert), keep)

@@ -19,30 +19,26 @@ pass over the slices (`totals`). Facts derived from the whole tensor live in `x.
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
-from mergetune.merge.counter_rng import hashed_index, stream_bits, stream_key, tensor_key
-from mergetune.merge.methods.combine import combine
+from mergetune.core.errors import ConfigError
+from mergetune.merge.counter_rng import stream_key, tensor_key
+from mergetune.merge.methods.combine import combine_weights
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model
 from mergetune.merge.order_stats import Selection
 from mergetune.merge.sparsify import (
     SCOPES,
-    apply_mask,
     band_counts,
     band_fractions,
     check_choice,
-    della_probabilities,
     l1_factor,
-    l1_sums,
-    random_keep,
     rescale_mode,
     row_length,
     topk_count,
 )
-from mergetune.core.errors import ConfigError
-from mergetune.merge.counter_rng import keep_from_bits
-
-import torch
 
 SPARSIFIERS = ("magnitude", "band", "random", "magprune")
 FRACTION_TOLERANCE = 1e-9  # ρ + γ sums like 0.9 + 0.1 land a hair below 1
@@ -91,38 +87,35 @@ def band_selection(x: TensorInputs, model: int, density: float, gamma: float, sc
     return x.memo[key]
 
 
-class Draws:
-    """The slice's counter-based draws: the first hash round once, then one stream per expert."""
-
-    def __init__(self, x: TensorInputs, like: Tensor) -> None:
-        self.x, self.like = x, like
-        self._hashed: Tensor | None = None
-
-    def bits(self, model: int) -> Tensor:
-        x = self.x
-        if x.seed is None:
-            raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
-        if self._hashed is None:
-            self._hashed = hashed_index(tensor_key(x.seed, x.name), x.offset, self.like.numel(), self.like.device)
-        return stream_bits(self._hashed, stream_key(x.seed, x.name, model)).view(self.like.shape)
-
-
-def sparsified(
-    x: TensorInputs, sparsify: str, model: int, density: float, epsilon: float, gamma: float, scope: str, draws: Draws
-) -> tuple[Tensor | None, float | Tensor]:
-    """(keep-mask of expert `model`'s τ on this slice — None keeps everything —, keep probability for `inverse_keep`)."""
+def expert_args(
+    x: TensorInputs, sparsify: str, model: int, density: float, epsilon: float, gamma: float, scope: str, like: Tensor,
+    factor: float | None = None, divide: bool = False,
+) -> tuple | None:
+    """Expert `model`'s arguments of `kernels.sparsified` on this slice: its selection's bounds and tie marks, or
+    its stream of draws, and its rescale (the L1 `factor`, or `divide` by the keep probability: `rescale:
+    inverse_keep`). ρ ≥ 1 keeps τ whole, spelled as the same kind of arguments (bounds ±inf, probability 1;
+    τ·1 is τ to the bit), so every expert of a rule runs the same compiled kernel variant."""
     if density >= 1:
-        return None, 1.0
-    tau = x.deltas[model]
-    if sparsify == "magnitude":
-        return top_selection(x, "magnitude", model, density, scope).mask(tau.abs(), x.offset, x.numel), density
-    if sparsify == "band":
-        return band_selection(x, model, density, gamma, scope).mask(tau.abs(), x.offset, x.numel), density
+        factor, divide = None, False
+    if sparsify in ("magnitude", "band") and density >= 1:
+        return -math.inf, math.inf, None, None, None
+    if sparsify in ("magnitude", "band"):
+        if sparsify == "magnitude":
+            selection = top_selection(x, "magnitude", model, density, scope)
+        else:
+            selection = band_selection(x, model, density, gamma, scope)
+        tied = selection.tied(x.numel, like.device, x.offset, like.numel())
+        return selection.low, selection.high, None if tied is None else tied.view(like.shape), factor, density if divide else None
+    if x.seed is None:
+        raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
+    key = stream_key(x.seed, x.name, model)
+    density = min(max(density, 0.0), 1.0)
     if sparsify == "random":
-        return random_keep(draws.bits(model), density), density
-    ranks = x.row_ranks(model).reshape(-1)[x.offset : x.offset + tau.numel()].to(tau.device).view(tau.shape)
-    probs = della_probabilities(ranks, row_length(x.shape), max(density, 0.0), epsilon)
-    return keep_from_bits(draws.bits(model), probs), probs
+        return key, density, factor, density if divide and density > 0 else None
+    n = row_length(x.shape)
+    ranks = x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape)
+    epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
+    return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 
 
 def gta(
@@ -146,20 +139,27 @@ def gta(
     mode = rescale_mode(method, rescale)
     k = x.num_models
     rho, eps, gammas = per_model(density, k), per_model(epsilon, k), per_model(gamma, k)
-    draws = Draws(x, x.deltas[0])
-    masked = [sparsified(x, sparsify, m, rho[m], eps[m], gammas[m], scope, draws) for m in range(k)]
-    rescaled = [m for m in range(k) if mode == "l1" and masked[m][0] is not None]
-    if x.totals_pass:
-        return l1_partials(x, masked, rescaled)
-    totals = x.totals if x.totals is not None else (l1_partials(x, masked, rescaled) if not x.is_slice else None)
+    stored = x.stored is not None
+    base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
+    if base is None:
+        raise ValueError(f"{x.name}: '{method}' needs a base model")
+    key = tensor_key(x.seed, x.name) if x.seed is not None else 0
+
+    def args(m: int, factor: float | None = None, divide: bool = False) -> tuple | None:
+        return expert_args(x, sparsify, m, rho[m], eps[m], gammas[m], scope, given[m], factor, divide)
+
+    rescaled = [m for m in range(k) if mode == "l1" and rho[m] < 1]
+    totals = x.totals
+    if x.totals_pass or (rescaled and totals is None and not x.is_slice):
+        if rescaled:
+            totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, [(m, args(m)) for m in rescaled], x.offset, key)
+        else:
+            totals = torch.zeros(0, dtype=torch.float64)
+        if x.totals_pass:
+            return totals
     if rescaled and totals is None:
         raise ValueError(f"{x.name}: a slice of '{method}' with rescale needs the tensor's L1 norms (TensorInputs.totals)")
     factors = {m: l1_factor(float(totals[2 * i]), float(totals[2 * i + 1])) for i, m in enumerate(rescaled)}
-    deltas = [apply_mask(tau, mask, mode, keep, factors.get(m)) for m, (tau, (mask, keep)) in enumerate(zip(x.deltas, masked))]
-    return combine(x.base, deltas, x.weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
-
-
-def l1_partials(x: TensorInputs, masked: list[tuple[Tensor | None, object]], rescaled: list[int]) -> Tensor:
-    """float64 [Σ|τ_m|, Σ|τ_m·mask_m|] for each rescaled expert m, in order (empty when none is rescaled)."""
-    sums = [s for m in rescaled for s in l1_sums(x.deltas[m], masked[m][0])]
-    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+    experts = [args(m, factors.get(m), mode == "inverse_keep") for m in range(k)]
+    weights, total = combine_weights(x.weights, consensus, normalize)
+    return x.kernels.gta_slice(base, given, stored, sparsify, experts, x.offset, key, weights, consensus, normalize, total, lambda_)

@@ -22,7 +22,7 @@ from torch import Tensor
 from mergetune.core.errors import ConfigError
 from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
-from mergetune.merge.sparsify import SCOPES, check_choice, scores_of
+from mergetune.merge.sparsify import SCOPES, check_choice
 
 
 @register("ota", needs_base=True, min_models=1, needs=("moments",), sliceable=True, orders=("saliency.desc",))
@@ -43,15 +43,16 @@ def ota(
         raise ValueError(f"{x.name}: ota needs second moments per expert")
     check_choice("ota", "scope", scope, SCOPES)
     rho = per_model(density, x.num_models)
-    numerator = torch.zeros_like(x.base)
-    total = torch.zeros_like(x.base)
-    for k, (tau, v, w, r) in enumerate(zip(x.deltas, x.moments, x.weights, rho)):
-        weight = w * v.pow(power) + epsilon
-        if r < 1:
-            weight = weight * top_selection(x, "saliency", k, r, scope).mask(scores_of("saliency", tau, v), x.offset, x.numel)
-        numerator += weight * tau
-        total += weight
-    merged = x.base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)
-    if any(r < 1 for r in rho):
-        merged = torch.where(total <= 1.1 * x.num_models * epsilon, x.base, merged)
-    return merged
+    stored = x.stored is not None
+    base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
+    bounds = []
+    for k, (like, r) in enumerate(zip(given, rho)):
+        if r >= 1:
+            bounds.append(None)
+            continue
+        selection = top_selection(x, "saliency", k, r, scope)
+        tied = selection.tied(x.numel, like.device, x.offset, like.numel())
+        bounds.append((selection.low, selection.high, None if tied is None else tied.view(like.shape)))
+    curvatures = [v.pow(power) for v in x.moments]
+    weights = [float(w) for w in x.weights]
+    return x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds, weights, epsilon)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge.domains import choice_problem, literal_choices
+from mergetune.merge.kernels import EAGER, Kernels
 from mergetune.merge.order_stats import TensorOrder, row_ranks
 from mergetune.merge.sparsify import GlobalCut, scores_of
 
@@ -63,12 +64,18 @@ class TensorSummaries(Protocol):
 
 
 class InputSummaries:
-    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use."""
+    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use.
 
-    def __init__(self, deltas: list[Tensor], moments: list[Tensor] | None) -> None:
-        self._deltas, self._moments = deltas, moments
+    `deltas` are the float32 τ_k of the whole tensor, or a function making them when first needed."""
+
+    def __init__(self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None) -> None:
+        self._given, self._moments = deltas, moments
         self._orders: dict[tuple[str, int], TensorOrder] = {}
         self._ranks: dict[int, Tensor] = {}
+
+    @cached_property
+    def _deltas(self) -> list[Tensor]:
+        return self._given() if callable(self._given) else self._given
 
     def order(self, kind: str, model: int, direction: str) -> TensorOrder:
         scores = None
@@ -88,43 +95,84 @@ class InputSummaries:
 
 
 @dataclass
+class StoredSlice:
+    """A slice's inputs as stored (any float dtype, flat): the base θ₀ (None without one) and the models θ_k."""
+
+    base: Tensor | None
+    models: list[Tensor]
+
+
 class TensorInputs:
     """Everything a method may read for one tensor, or for elements [offset, offset + n) of its flattened
     entries (`full_shape` given; the inputs are then flat slices). All tensors are float32, same shape.
 
-    Give `models` (θ_k) or `deltas` (τ_k = θ_k − θ₀); the other form is derived on first use
-    and cached, so methods simply read whichever they need.
+    Give `models_given` (θ_k) or `deltas_given` (τ_k = θ_k − θ₀); the other form is derived on first use
+    and cached, so methods simply read whichever they need. A slice may instead come `stored`: the base
+    and models as stored, which sliceable methods read in fused kernels (`kernels`); `base`, `models` and
+    `deltas` (float32, τ_k = float32(θ_k) − float32(θ₀)) are then made only if a method asks for them.
     """
 
-    name: str
-    base: Tensor | None
-    weights: list[float]
-    models_given: list[Tensor] | None = None
-    deltas_given: list[Tensor] | None = None
-    moments: list[Tensor] | None = None  # Adam exp_avg_sq per expert (full form)
-    fisher: list[Tensor] | None = None  # diagonal Fisher per expert
-    gram: list[Tensor] | None = None  # per expert X^T X of this linear layer's inputs (in × in)
-    global_cut: GlobalCuts | None = None
-    seed: int | None = None  # the merge's seed: keys the counter-based draws (DARE, DELLA) and M³'s weights
-    offset: int = 0  # the slice's first element in the flattened tensor
-    full_shape: tuple[int, ...] | None = None  # the whole tensor's shape when the inputs are a slice of it
-    summaries: TensorSummaries | None = None  # the engine's precomputed order statistics (else: from the inputs)
-    totals: Tensor | None = None  # the method's sums over the whole tensor (its `totals_pass` results, summed)
-    totals_pass: bool = False  # return the slice's partial sums instead of merging
-    memo: dict = field(default_factory=dict)  # facts derived once per tensor, shared by its slices
-
-    def __post_init__(self) -> None:
-        if (self.models_given is None) == (self.deltas_given is None):
-            raise ValueError("give exactly one of models_given / deltas_given")
-        if self.deltas_given is not None and self.base is None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        weights: list[float],
+        base: Tensor | None = None,
+        models_given: list[Tensor] | None = None,
+        deltas_given: list[Tensor] | None = None,
+        stored: StoredSlice | None = None,
+        moments: list[Tensor] | None = None,  # Adam exp_avg_sq per expert (full form)
+        fisher: list[Tensor] | None = None,  # diagonal Fisher per expert
+        gram: list[Tensor] | None = None,  # per expert X^T X of this linear layer's inputs (in × in)
+        global_cut: GlobalCuts | None = None,
+        seed: int | None = None,  # the merge's seed: keys the counter-based draws (DARE, DELLA) and M³'s weights
+        offset: int = 0,  # the slice's first element in the flattened tensor
+        full_shape: tuple[int, ...] | None = None,  # the whole tensor's shape when the inputs are a slice of it
+        summaries: TensorSummaries | None = None,  # the engine's precomputed order statistics (else: from the inputs)
+        totals: Tensor | None = None,  # the method's sums over the whole tensor (its `totals_pass` results, summed)
+        totals_pass: bool = False,  # return the slice's partial sums instead of merging
+        memo: dict | None = None,  # facts derived once per tensor, shared by its slices
+        kernels: Kernels = EAGER,  # how the sliceable methods' elementwise steps run (eager, or compiled)
+    ) -> None:
+        given = [g for g in (models_given, deltas_given, stored) if g is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of models_given / deltas_given / stored")
+        if deltas_given is not None and base is None:
             raise ValueError("deltas need a base tensor")
+        if stored is not None and base is not None:
+            raise ValueError("stored inputs carry their own base")
+        self.name, self.weights, self._base = name, weights, base
+        self.models_given, self.deltas_given, self.stored = models_given, deltas_given, stored
+        self.moments, self.fisher, self.gram = moments, fisher, gram
+        self.global_cut, self.seed = global_cut, seed
+        self.offset, self.full_shape, self.summaries = offset, full_shape, summaries
+        self.totals, self.totals_pass = totals, totals_pass
+        self.memo = {} if memo is None else memo
+        self.kernels = kernels
         if len(self.weights) != self.num_models:
             raise ValueError(f"{len(self.weights)} weights for {self.num_models} models")
 
+    def __repr__(self) -> str:
+        return f"TensorInputs({self.name!r}, {self.num_models} models, offset {self.offset}, shape {self.shape})"
+
+    @property
+    def base(self) -> Tensor | None:
+        if self._base is None and self.stored is not None and self.stored.base is not None:
+            self._base = self.stored.base.to(torch.float32)
+        return self._base
+
+    @property
+    def has_base(self) -> bool:
+        return self._base is not None or (self.stored is not None and self.stored.base is not None)
+
+    def _given(self) -> list[Tensor]:
+        if self.stored is not None:
+            return self.stored.models
+        return self.models_given if self.models_given is not None else self.deltas_given
+
     @property
     def num_models(self) -> int:
-        given = self.models_given if self.models_given is not None else self.deltas_given
-        return len(given)
+        return len(self._given())
 
     @property
     def is_slice(self) -> bool:
@@ -135,8 +183,7 @@ class TensorInputs:
         """The whole tensor's shape."""
         if self.full_shape is not None:
             return tuple(self.full_shape)
-        given = self.models_given if self.models_given is not None else self.deltas_given
-        return tuple(given[0].shape)
+        return tuple(self._given()[0].shape)
 
     @property
     def numel(self) -> int:
@@ -145,6 +192,8 @@ class TensorInputs:
 
     @cached_property
     def models(self) -> list[Tensor]:
+        if self.stored is not None:
+            return [m.to(torch.float32) for m in self.stored.models]
         if self.models_given is not None:
             return self.models_given
         return [self.base + d for d in self.deltas_given]
@@ -155,7 +204,7 @@ class TensorInputs:
             return self.deltas_given
         if self.base is None:
             raise ValueError(f"{self.name}: this method needs a base model")
-        return [m - self.base for m in self.models_given]
+        return [m - self.base for m in self.models]
 
     def _summaries(self) -> TensorSummaries:
         if self.summaries is not None:

@@ -1,0 +1,241 @@
+"""The elementwise steps of the sliceable methods, run eagerly or fused by `torch.compile` — the same functions.
+
+A trial's merge should cost a few passes over memory. Eager torch makes one pass per op (a TIES
+slice is ~40 of them), so the steps the task-arithmetic family and OTA repeat on every slice —
+sparsify one expert's τ, combine the experts — are plain torch functions here that `Kernels`
+runs either as they are or compiled into one loop each (Inductor: C++/OpenMP on a CPU, Triton
+on a GPU), with numerics that match eager ones: no contraction into fused multiply-adds, IEEE
+division, no flush of denormals. Integer ops (the counter-based draws) are exact either way;
+the float ops are the same IEEE operations in the same order, so both give the same bytes
+(tests/test_kernels.py). Compilation costs seconds per kernel variant once per process (and
+Inductor caches it on disk); where it fails (no C++ compiler), the eager functions run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from mergetune.merge.counter_rng import hashed_index, keep_from_bits, stream_bits
+
+log = logging.getLogger(__name__)
+
+COMPILE_ENV = "MERGETUNE_COMPILE"  # "1": always compile the kernels, "0": never; unset: for models of COMPILE_MIN_PARAMS or more
+COMPILE_MIN_PARAMS = 50_000_000
+_COMPILE_OPTIONS = {
+    "emulate_precision_casts": True,  # Triton: no fused multiply-adds (enable_fp_fusion off)
+    "eager_numerics.division_rounding": True,  # Triton: IEEE division, as eager
+    "eager_numerics.disable_ftz": True,  # Triton: keep denormals, as eager
+}
+
+
+def within(s: Tensor, low: float, high: float) -> Tensor:
+    """low < s < high, elementwise (float32 bounds, exclusive)."""
+    return (s > low) & (s < high)
+
+
+def task_vectors(base: Tensor, given: list[Tensor], stored: bool) -> tuple[Tensor, list[Tensor]]:
+    """(θ₀, τ_k) in float32: from the stored models (τ_k = float32(θ_k) − float32(θ₀), as the engines make them),
+    or the given task vectors."""
+    base = base.to(torch.float32)
+    return base, ([g.to(torch.float32) - base for g in given] if stored else given)
+
+
+def rescaled(tau: Tensor, keep: Tensor, factor: float | None, divide_by: float | Tensor | None) -> Tensor:
+    """τ·keep, times the L1 `factor`, or divided by the keep probability (`divide_by`, clamped away from 0)."""
+    masked = tau * keep
+    if factor is not None:
+        return masked * factor
+    if divide_by is None:
+        return masked
+    if isinstance(divide_by, Tensor):
+        return torch.where(keep, masked / divide_by.clamp_min(torch.finfo(torch.float32).tiny), masked)
+    return masked / divide_by
+
+
+def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied: Tensor | None) -> Tensor:
+    """The keep-mask of a selection (`order_stats.Selection`): scores |τ| (v·τ² given moments) strictly between
+    its bounds, or marked in `tied` (uint8: a bool tensor would cost a compiled kernel a slow vector load)."""
+    scores = tau.abs() if moments is None else moments * tau.square()
+    keep = within(scores, low, high)
+    return keep if tied is None else (keep.to(torch.float32) + tied.to(torch.float32)) > 0
+
+
+def della_probabilities(ranks: Tensor, offset: float, slope: float) -> Tensor:
+    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`)."""
+    return offset + slope * ranks.to(torch.float32)
+
+
+def sparsified(tau: Tensor, sparsify: str, args: tuple, hashed: Tensor | None) -> Tensor:
+    """One expert's τ̂ (see `methods.gta`): `args` are (low, high, tied, factor, divide_by) for a selection
+    ("magnitude", "band"), (stream key, ρ, factor, divide_by) for "random", (stream key, ranks, π offset,
+    π slope, factor, divide) for "magprune"; `hashed` is the slice's first round of the counter-based draws."""
+    if sparsify in ("magnitude", "band"):
+        low, high, tied, factor, divide_by = args
+        return rescaled(tau, selected(tau, None, low, high, tied), factor, divide_by)
+    if sparsify == "random":
+        key, probability, factor, divide_by = args
+        return rescaled(tau, keep_from_bits(stream_bits(hashed, key), probability), factor, divide_by)
+    key, ranks, offset, slope, factor, divide = args
+    probabilities = della_probabilities(ranks, offset, slope)
+    keep = keep_from_bits(stream_bits(hashed, key), probabilities)
+    return rescaled(tau, keep, factor, probabilities if divide else None)
+
+
+def _hashed(sparsify: str, like: Tensor, offset: int, key: int) -> Tensor | None:
+    return hashed_index(key, offset, like.numel(), like.device).view(like.shape) if sparsify in ("random", "magprune") else None
+
+
+def gta_slice(
+    base: Tensor,
+    given: list[Tensor],
+    stored: bool,
+    sparsify: str,
+    experts: list[tuple],
+    offset: int,
+    key: int,
+    weights: list[float],
+    consensus: bool,
+    normalize: bool,
+    total: float | None,
+    lambda_: float,
+) -> Tensor:
+    """The task-arithmetic family on one slice: τ̂_k by `sparsified`, then `combined`.
+    `offset` and `key` (the tensor's `counter_rng.tensor_key`) place the slice's counter-based draws."""
+    base, taus = task_vectors(base, given, stored)
+    hashed = _hashed(sparsify, base, offset, key)
+    kept = [sparsified(tau, sparsify, args, hashed) for tau, args in zip(taus, experts)]
+    return combined(base, kept, weights, consensus, normalize, total, lambda_)
+
+
+def gta_l1_sums(base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: int, key: int) -> Tensor:
+    """float64 [Σ|τ_k|, Σ|τ_k·mask_k|] over the slice, for each expert in `experts` (pairs (index, args))."""
+    base, taus = task_vectors(base, given, stored)
+    hashed = _hashed(sparsify, base, offset, key)
+    sums = []
+    for index, args in experts:
+        tau = taus[index]
+        sums += [tau.abs().sum(dtype=torch.float64), sparsified(tau, sparsify, args, hashed).abs().sum(dtype=torch.float64)]
+    return torch.stack(sums)
+
+
+def combined(
+    base: Tensor, deltas: list[Tensor], weights: list[float], consensus: bool, normalize: bool, total: float | None, lambda_: float
+) -> Tensor:
+    """θ₀ + λ·(weighted, optionally sign-elected and normalised) sum of the task vectors (`combine.combine`;
+    `total` is the float32 Σw an unelected sum is divided by, None for none)."""
+    if not consensus:
+        mixed = deltas[0] * weights[0]
+        for d, w in zip(deltas[1:], weights[1:]):
+            mixed = mixed + d * w
+        if total is not None:
+            mixed = mixed / total
+    else:
+        weighted = [d * w for d, w in zip(deltas, weights)]
+        summed = weighted[0]
+        for d in weighted[1:]:
+            summed = summed + d
+        positive = summed >= 0  # the elected sign; 0 elects +
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for w, d in zip(weights, weighted):
+            agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+            mixed = mixed + d * agree
+            divisor = divisor + agree * w
+        if normalize:
+            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return mixed + base
+
+
+def ota_slice(
+    base: Tensor,
+    given: list[Tensor],
+    stored: bool,
+    curvatures: list[Tensor],
+    moments: list[Tensor],
+    bounds: list[tuple[float, float, Tensor | None] | None],
+    weights: list[float],
+    epsilon: float,
+) -> Tensor:
+    """OTA on one slice: θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
+    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (a
+    compiled pow rounds differently). Where a mask is active and every expert is masked out, θ₀."""
+    base, taus = task_vectors(base, given, stored)
+    numerator = torch.zeros_like(base)
+    total = torch.zeros_like(base)
+    for tau, vp, v, bound, w in zip(taus, curvatures, moments, bounds, weights):
+        weight = w * vp + epsilon
+        if bound is not None:
+            weight = weight * selected(tau, v, *bound)
+        numerator = numerator + weight * tau
+        total = total + weight
+    merged = base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)
+    if any(bound is not None for bound in bounds):
+        merged = torch.where(total <= 1.1 * len(taus) * epsilon, base, merged)
+    return merged
+
+
+def combined_slice(
+    base: Tensor, given: list[Tensor], stored: bool, weights: list[float], consensus: bool, normalize: bool, total: float | None, lambda_: float
+) -> Tensor:
+    """`combined` of one slice's task vectors, made from stored models or given."""
+    base, taus = task_vectors(base, given, stored)
+    return combined(base, taus, weights, consensus, normalize, total, lambda_)
+
+
+KERNELS = ("rescaled", "combined", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
+
+
+class Kernels:
+    """The kernel functions as attributes, each run as written (`compiled=False`) or through `torch.compile`."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        for name in KERNELS:
+            fn = globals()[name]
+            setattr(self, name, _compiled(name, fn) if compiled else fn)
+
+
+RECOMPILE_LIMIT = 64  # compiled variants per kernel: sparsifier, consensus, experts, which rescale (dynamo's default is 8)
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return (TorchDynamoException, InductorError)
+
+
+def _compiled(name: str, fn):
+    """`fn` compiled on first call; if compiling fails (no C++ compiler, an unsupported backend), `fn` itself."""
+    state: dict[str, object] = {}
+
+    def run(*args, **kwargs):
+        if "fn" not in state:
+            state["fn"] = torch.compile(fn, dynamic=True, options=_COMPILE_OPTIONS)
+        if state["fn"] is fn:
+            return fn(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return state["fn"](*args, **kwargs)
+        except _compile_failures() as exc:
+            log.warning("compiling the %s kernel failed (%s); running it eagerly", name, str(exc).splitlines()[0][:200])
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+
+    return run
+
+
+EAGER = Kernels(compiled=False)
+
+
+def kernels_for(parameters: int) -> Kernels:
+    """Compiled kernels for models of COMPILE_MIN_PARAMS parameters or more (or as MERGETUNE_COMPILE says)."""
+    setting = os.environ.get(COMPILE_ENV)
+    compiled = parameters >= COMPILE_MIN_PARAMS if setting is None else setting == "1"
+    return Kernels(compiled) if compiled else EAGER
