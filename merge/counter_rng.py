@@ -5,15 +5,18 @@ of expert k's τ on tensor `name` is `uniform(seed, name, k, i)`: no generator s
 and a GPU merge of the same recipe and seed keep exactly the same entries, any slice of a
 tensor is drawn on its own, and nothing is made on the CPU and copied.
 
-The bits are two rounds of the PCG hash (Jarzynski & Olano, "Hash Functions for GPU
-Rendering", 2020) over the 32-bit element index: the first keyed by (seed, tensor) and shared
-by the tensor's streams, the second by the stream (expert):
+The bits are two rounds of a 32-bit integer hash over the element index — "lowbias32"
+(C. Wellons, hash-prospector: xorshift-multiply with 0x7feb352d and 0x846ca68b, a bijection of
+the 32-bit words with very low bias) — the first keyed by (seed, tensor) and shared by the
+tensor's streams, the second by the stream (expert):
 
-    bits(i) = pcg(pcg(i xor tensor_key) xor stream_key),   uniform(i) = (bits(i) >> 8) · 2^-24
+    bits(i) = mix(mix(i xor tensor_key) xor stream_key),   uniform(i) = (bits(i) >> 8) · 2^-24
 
-All in int64 integer ops whose products stay below 2^63 (no overflow, no rounding), so every
-backend — CPU, CUDA, a compiled kernel — computes the same bits. A uniform has 24 bits, exact
-in float32, like `torch.rand`; "uniform < p" is decided on the integers (`keep_from_bits`).
+in int32 tensors: multiplication wraps mod 2^32 (two's complement, on every backend torch runs:
+CPU vector units, CUDA, Triton), right shifts are masked to be logical, constant shifts only —
+integer ops, so a CPU, a GPU and a compiled kernel compute the same bits (tests/test_counter_rng.py
+checks them against numpy's uint32 arithmetic). A uniform has 24 bits, exact in float32, like
+`torch.rand`; "uniform < p" is decided on the integers (`keep_from_bits`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ import hashlib
 import torch
 from torch import Tensor
 
-MASK32 = 0xFFFFFFFF
-LCG_MULTIPLIER, LCG_INCREMENT, OUTPUT_MULTIPLIER = 747796405, 2891336453, 277803737  # the PCG hash's constants
-MAX_ELEMENTS = 1 << 32  # element indices are 32-bit counters (the largest LLM tensors have ~1e9 entries)
+MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))  # lowbias32's, as int32 values
+MAX_ELEMENTS = 1 << 31  # element indices are non-negative int32 (the largest LLM tensors have ~2e9 entries at most)
 UNIFORM_BITS = 24
 
 
@@ -44,31 +46,57 @@ def stream_key(seed: int, tensor_name: str, stream: int) -> int:
     return _key(seed, tensor_name, stream)
 
 
-def pcg_hash(x: Tensor) -> Tensor:
-    """The PCG hash of 32-bit values held in int64 (a bijection of [0, 2^32))."""
-    state = (x * LCG_MULTIPLIER + LCG_INCREMENT) & MASK32
-    word = (((state >> ((state >> 28) + 4)) ^ state) * OUTPUT_MULTIPLIER) & MASK32
-    return (word >> 22) ^ word
+def _shifted(x: Tensor, bits: int) -> Tensor:
+    """x >> bits as unsigned 32-bit words (int32's >> sign-extends)."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
+
+
+def mix(x: Tensor) -> Tensor:
+    """lowbias32 of 32-bit words held in int32 (a bijection)."""
+    x = x ^ _shifted(x, 16)
+    x = x * MULTIPLIERS[0]
+    x = x ^ _shifted(x, 15)
+    x = x * MULTIPLIERS[1]
+    return x ^ _shifted(x, 16)
+
+
+def _signed(key: int) -> int:
+    """A 32-bit key as the int32 value with its bits."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def check_range(start: int, count: int) -> None:
+    if start < 0 or start + count > MAX_ELEMENTS:
+        raise ValueError(f"counter-based draws index elements below 2^31, not [{start}, {start + count})")
+
+
+def key_tensor(key: int, device: torch.device | str = "cpu") -> Tensor:
+    """A 32-bit key (or an element offset) as a 0-dim int32 tensor: a kernel's input, not a constant compiled into it."""
+    return torch.tensor(_signed(key), dtype=torch.int32, device=device)
+
+
+def first_round(index: Tensor, key: Tensor | int) -> Tensor:
+    """mix(i xor tensor_key) of int32 element indices: the round a tensor's streams share."""
+    return mix(index ^ key)
 
 
 def hashed_index(key: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
-    """The first round for elements [start, start + count): pcg(i xor tensor_key), int64."""
-    if start < 0 or start + count > MAX_ELEMENTS:
-        raise ValueError(f"counter-based draws index elements below 2^32, not [{start}, {start + count})")
-    return pcg_hash(torch.arange(start, start + count, dtype=torch.int64, device=device) ^ key)
+    """The first round for elements [start, start + count), int32."""
+    check_range(start, count)
+    return first_round(torch.arange(start, start + count, dtype=torch.int32, device=device), _signed(key))
 
 
-def stream_bits(hashed: Tensor, key: int) -> Tensor:
-    """The second round: 32 random bits (int64 in [0, 2^32)) of one stream, from `hashed_index`."""
-    return pcg_hash(hashed ^ key)
+def stream_bits(hashed: Tensor, key: Tensor | int) -> Tensor:
+    """The second round: 32 random bits (int32) of one stream (`key`: a `stream_key`, or its `key_tensor`)."""
+    return mix(hashed ^ (_signed(key) if isinstance(key, int) else key))
 
 
 def keep_from_bits(bits: Tensor, probability: float | Tensor) -> Tensor:
     """uniform < probability, elementwise (a float or a float32 tensor of probabilities), decided exactly."""
-    return (bits >> (32 - UNIFORM_BITS)) < probability * float(1 << UNIFORM_BITS)
+    return _shifted(bits, 32 - UNIFORM_BITS) < probability * float(1 << UNIFORM_BITS)
 
 
 def uniforms(seed: int, tensor_name: str, stream: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
     """U[0, 1) in float32 (multiples of 2^-24) for elements [start, start + count) of one stream."""
     bits = stream_bits(hashed_index(tensor_key(seed, tensor_name), start, count, device), stream_key(seed, tensor_name, stream))
-    return (bits >> (32 - UNIFORM_BITS)).to(torch.float32) * 2.0**-UNIFORM_BITS
+    return _shifted(bits, 32 - UNIFORM_BITS).to(torch.float32) * 2.0**-UNIFORM_BITS

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from mergetune.merge.counter_rng import hashed_index, keep_from_bits, stream_bits
+from mergetune.merge.counter_rng import first_round, keep_from_bits, stream_bits
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,13 @@ def sparsified(tau: Tensor, sparsify: str, args: tuple, hashed: Tensor | None) -
     return rescaled(tau, keep, factor, probabilities if divide else None)
 
 
-def _hashed(sparsify: str, like: Tensor, offset: int, key: int) -> Tensor | None:
-    return hashed_index(key, offset, like.numel(), like.device).view(like.shape) if sparsify in ("random", "magprune") else None
+def _hashed(sparsify: str, like: Tensor, offset: Tensor, key: Tensor) -> Tensor | None:
+    """The slice's first round of counter-based draws; `offset` and `key` are 0-dim int32 tensors (`key_tensor`),
+    so one compiled kernel serves every slice and tensor."""
+    if sparsify not in ("random", "magprune"):
+        return None
+    index = torch.arange(like.numel(), dtype=torch.int32, device=like.device) + offset
+    return first_round(index, key).view(like.shape)
 
 
 def gta_slice(
@@ -95,8 +100,8 @@ def gta_slice(
     stored: bool,
     sparsify: str,
     experts: list[tuple],
-    offset: int,
-    key: int,
+    offset: Tensor,
+    key: Tensor,
     weights: list[float],
     consensus: bool,
     normalize: bool,
@@ -104,14 +109,17 @@ def gta_slice(
     lambda_: float,
 ) -> Tensor:
     """The task-arithmetic family on one slice: τ̂_k by `sparsified`, then `combined`.
-    `offset` and `key` (the tensor's `counter_rng.tensor_key`) place the slice's counter-based draws."""
+    `offset` and `key` (the tensor's `counter_rng.tensor_key`; 0-dim int32 tensors) place the slice's
+    counter-based draws; a stream's key (in its args) is a 0-dim int32 tensor too."""
     base, taus = task_vectors(base, given, stored)
     hashed = _hashed(sparsify, base, offset, key)
     kept = [sparsified(tau, sparsify, args, hashed) for tau, args in zip(taus, experts)]
     return combined(base, kept, weights, consensus, normalize, total, lambda_)
 
 
-def gta_l1_sums(base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: int, key: int) -> Tensor:
+def gta_l1_sums(
+    base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor
+) -> Tensor:
     """float64 [Σ|τ_k|, Σ|τ_k·mask_k|] over the slice, for each expert in `experts` (pairs (index, args))."""
     base, taus = task_vectors(base, given, stored)
     hashed = _hashed(sparsify, base, offset, key)

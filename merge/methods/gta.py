@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.counter_rng import stream_key, tensor_key
+from mergetune.merge.counter_rng import check_range, key_tensor, stream_key, tensor_key
 from mergetune.merge.methods.combine import combine_weights
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model
 from mergetune.merge.order_stats import Selection
@@ -108,7 +108,7 @@ def expert_args(
         return selection.low, selection.high, None if tied is None else tied.view(like.shape), factor, density if divide else None
     if x.seed is None:
         raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
-    key = stream_key(x.seed, x.name, model)
+    key = x.memo.setdefault(("stream key", model, like.device), key_tensor(stream_key(x.seed, x.name, model), like.device))
     density = min(max(density, 0.0), 1.0)
     if sparsify == "random":
         return key, density, factor, density if divide and density > 0 else None
@@ -143,7 +143,11 @@ def gta(
     base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
     if base is None:
         raise ValueError(f"{x.name}: '{method}' needs a base model")
-    key = tensor_key(x.seed, x.name) if x.seed is not None else 0
+    device = given[0].device
+    key = x.memo.setdefault(("tensor key", device), key_tensor(tensor_key(x.seed or 0, x.name), device))
+    offset = key_tensor(x.offset, device)
+    if sparsify in ("random", "magprune"):
+        check_range(x.offset, given[0].numel())
 
     def args(m: int, factor: float | None = None, divide: bool = False) -> tuple | None:
         return expert_args(x, sparsify, m, rho[m], eps[m], gammas[m], scope, given[m], factor, divide)
@@ -152,7 +156,7 @@ def gta(
     totals = x.totals
     if x.totals_pass or (rescaled and totals is None and not x.is_slice):
         if rescaled:
-            totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, [(m, args(m)) for m in rescaled], x.offset, key)
+            totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, [(m, args(m)) for m in rescaled], offset, key)
         else:
             totals = torch.zeros(0, dtype=torch.float64)
         if x.totals_pass:
@@ -162,4 +166,4 @@ def gta(
     factors = {m: l1_factor(float(totals[2 * i]), float(totals[2 * i + 1])) for i, m in enumerate(rescaled)}
     experts = [args(m, factors.get(m), mode == "inverse_keep") for m in range(k)]
     weights, total = combine_weights(x.weights, consensus, normalize)
-    return x.kernels.gta_slice(base, given, stored, sparsify, experts, x.offset, key, weights, consensus, normalize, total, lambda_)
+    return x.kernels.gta_slice(base, given, stored, sparsify, experts, offset, key, weights, consensus, normalize, total, lambda_)
