@@ -1,0 +1,66 @@
+"""The compiled kernels give the bytes of the eager ones (merge/kernels.py's promise): every sliceable
+method of the default search space, fp32 and bf16 inputs, given task vectors and stored bf16 slices.
+
+Compiling needs a C++ compiler (Inductor's CPU backend); CI's machine has one. Each kernel variant
+compiles once per process (seconds), so the cases share one `Kernels`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sliced_methods import NAME, cuts_for, inputs_for, stored_models
+
+from mergetune.merge.kernels import EAGER, Kernels
+from mergetune.merge.methods import TensorInputs, get_method
+from mergetune.merge.methods.registry import InputSummaries, StoredSlice
+from mergetune.merge.ruleplan import RulePlan, merge_sliced
+
+COMPILED = Kernels(compiled=True)
+WEIGHTS = [0.7, 0.4, 0.9]
+CASES = {
+    "ties": {"density": 0.3},
+    "dare_ties": {"density": 0.4, "rescale": True},
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "ota": {"density": 0.5},
+    "task_arithmetic": {"lambda": 0.7},
+}
+
+
+def whole(method, params, base, deltas, moments, kernels):
+    x = TensorInputs(
+        name=NAME, base=base, weights=WEIGHTS, deltas_given=deltas, moments=moments,
+        global_cut=cuts_for(deltas, moments), seed=5, kernels=kernels,
+    )  # fmt: skip
+    return get_method(method)(x, **params)
+
+
+def sliced_bf16(method, params, base, deltas, moments, kernels, chunk=1000):
+    """The engines' path: slices of the models as stored (bf16), the task vectors made inside the kernels."""
+    spec = get_method(method)
+    plan = RulePlan(0, None, spec, ["0", "1", "2"], WEIGHTS, spec.bind(params, 3), ())
+    flat_base = base.bfloat16().reshape(-1)
+    flat = [m.bfloat16().reshape(-1) for m in stored_models(base, deltas)]
+    thresholds = cuts_for(deltas, moments)
+
+    def fetch(start, stop):
+        stats = {"moments": [m.reshape(-1)[start:stop] for m in moments]} if method == "ota" else {}
+        return StoredSlice(flat_base[start:stop], [t[start:stop] for t in flat]), stats
+
+    out = torch.empty(base.numel())
+    summaries = InputSummaries(deltas, moments)
+    return merge_sliced(plan, NAME, tuple(base.shape), fetch, out, chunk, 5, lambda kind, e, keep: thresholds(kind, int(e), keep), summaries, kernels).clone()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_kernels_give_the_eager_bytes(case, bf16):
+    base, deltas, moments = inputs_for((64, 48), bf16, seed=11)
+    eager = whole(case, CASES[case], base, deltas, moments, EAGER)
+    assert not torch.equal(eager, base)  # the merge did something
+    assert torch.equal(whole(case, CASES[case], base, deltas, moments, COMPILED), eager)
+    if bf16:
+        stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
+        assert torch.equal(stored_eager.view(eager.shape), eager)
+        assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
