@@ -52,9 +52,16 @@ def worker_device(config: StudyConfig) -> str:
 
 
 def check_worker_device(config: StudyConfig) -> None:
-    """`ray.device: cuda` on a local Ray needs CUDA here; called by the driver before Ray starts
-    (a cluster's GPUs are on other nodes, so `ray.address` skips the check)."""
-    if config.ray.device is None or not config.ray.device.startswith("cuda") or config.ray.address:
+    """What the local workers need from this machine: CUDA for `ray.device: cuda`, a supported vLLM for
+    `backend: vllm`; called by the driver before Ray starts (a cluster's workers run on other nodes,
+    with their own installs, so `ray.address` skips the check)."""
+    if config.ray.address:
+        return
+    if getattr(config.evaluator, "backend", None) == "vllm":
+        from mergetune.evaluators.vllm import check_vllm_version, installed_vllm_version
+
+        check_vllm_version(installed_vllm_version())
+    if config.ray.device is None or not config.ray.device.startswith("cuda"):
         return
     import torch
 

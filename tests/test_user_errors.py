@@ -141,6 +141,17 @@ def test_cuda_without_cuda_is_one_line_at_the_driver(monkeypatch, no_ray):
     check_worker_device(parse_study_config(_with(ray__device="cuda", ray__address="auto"), "study.yaml"))
 
 
+def test_a_vllm_study_without_a_supported_vllm_is_one_line_at_the_driver(monkeypatch, no_ray):
+    import mergetune.evaluators.vllm as vllm_backend
+    from mergetune.search.driver import run_study
+
+    vllm_study = _with(evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["t"]})
+    for installed, message in ((None, r"vllm needs vLLM, which is not installed"), ("0.9.2", r"vllm supports vLLM >=0\.16,<0\.34, but vLLM 0\.9\.2 is installed")):
+        monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda installed=installed: installed)
+        with pytest.raises(ConfigError, match=rf"^evaluator\.backend: {message}"):
+            run_study(parse_study_config(vllm_study, "study.yaml"))
+
+
 def test_a_per_expert_param_that_no_method_takes_per_expert_is_refused(tmp_path):
     from mergetune.search.space import SearchSpace
 
