@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mergetune.core.errors import ModelSetError
 from mergetune.merge import moments as rank1
+from mergetune.merge.architecture import ModelStructure, structure_of
 from mergetune.merge.recipe import Recipe, layer_index
 from mergetune.merge.safetensors_io import TensorInfo, read_header
 
@@ -38,7 +39,7 @@ STAT_FIXES = {
     "and add `gram: {{{expert}: G.safetensors}}`",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DEFAULT_TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}  # when the model class is unknown
+DEFAULT_TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}  # a directory without config.json
 EXTRA_NAMES_SHOWN = 5
 
 
@@ -55,6 +56,11 @@ def resolve_model_dir(spec: str | Path) -> Path:
     except Exception as exc:  # any hub/network failure is the same fix for the user
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelSetError(f"model {str(spec)!r} is neither a local directory nor a reachable hub repo ({reason})") from None
+
+
+def has_weights(path: Path) -> bool:
+    """Whether a model directory holds safetensors weights (one file, or shards with an index)."""
+    return (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
 
 
 @dataclass
@@ -99,20 +105,16 @@ class Checkpoint:
                 raise ModelSetError(f"{index} lists {missing!r} in {weight_map[missing]}, which lacks it; re-save the model")
         return cls(path, files, {name: info for _, _, name, info in sorted(ordered, key=lambda t: t[:2])})
 
-    def tied_weights(self) -> dict[str, str]:
-        """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings), from the
-        model class transformers names in config.json (`_tied_weights_keys`)."""
-        try:
-            config = json.loads((self.path / "config.json").read_text())
-        except (OSError, ValueError):
-            return dict(DEFAULT_TIED_WEIGHTS)
-        import transformers
+    def structure(self) -> ModelStructure:
+        """The model's layer structure for these tensor names (its module tree on the meta device)."""
+        return structure_of(self.path, list(self.infos))
 
-        for architecture in config.get("architectures") or []:
-            keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None)
-            if isinstance(keys, dict):
-                return dict(keys)
-        return dict(DEFAULT_TIED_WEIGHTS)
+    def tied_weights(self) -> dict[str, str]:
+        """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings) when the config ties
+        them, in checkpoint names (GPT-NeoX: `embed_out.weight`)."""
+        if not (self.path / "config.json").is_file():
+            return dict(DEFAULT_TIED_WEIGHTS)
+        return self.structure().tied
 
     def alias(self, name: str, source: str) -> None:
         """Read tensor `name` from `source` (a tied checkpoint stores its head as its embeddings)."""

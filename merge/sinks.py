@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from mergetune.merge.live_names import NameMap
+
 
 class Sink(Protocol):
     """Receives each merged tensor once, by its name in the checkpoint; `close` ends the merge.
@@ -34,14 +36,18 @@ class Sink(Protocol):
 class LiveModelSink:
     """Copies merged tensors into an already-loaded model's parameters and buffers, in place.
 
-    No reallocation: the model's storage (and anything holding a view of it) stays valid,
-    so an evaluator can score the model right after the merge. The one exception: a merge that
-    writes both of two tied tensors (a tied base merged with untied experts) unties the second
-    once, as transformers does when it loads such a model from disk.
+    Tensors arrive under their checkpoint names and land where transformers loads them (its
+    renaming on load, e.g. GPT-NeoX `embed_out.weight` → `lm_head.weight`); a tensor transformers
+    drops on load (stale buffers) is dropped here too. No reallocation: the model's storage (and
+    anything holding a view of it) stays valid, so an evaluator can score the model right after
+    the merge. The one exception: a merge that writes both of two tied tensors (a tied base merged
+    with untied experts) unties the second once, as transformers does when it loads such a model.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
+        self._names = NameMap(model)
+        self._live: dict[str, str | None] = {}  # checkpoint name → live name (None: dropped), as met
         self._targets: dict[str, Tensor] = dict(model.state_dict(keep_vars=True))
         self._written: set[str] = set()
         storage: dict[int, list[str]] = {}
@@ -50,14 +56,19 @@ class LiveModelSink:
         self._tied = {name: [o for o in names if o != name] for names in storage.values() if len(names) > 1 for name in names}
 
     def write(self, name: str, tensor: Tensor) -> None:
-        target = self._targets.get(name)
+        if name not in self._live:
+            self._live[name] = self._names.to_live(name)
+        live = self._live[name]
+        if live is None:
+            return
+        target = self._targets.get(live)
         if target is None:
-            raise KeyError(f"the live model has no tensor {name!r}")
-        if any(other in self._written for other in self._tied.get(name, ())):
-            target = self._untie(name, target)
+            raise KeyError(f"the live model has no tensor {name!r}" + (f" (nor {live!r}, its name once loaded)" if live != name else ""))
+        if any(other in self._written for other in self._tied.get(live, ())):
+            target = self._untie(live, target)
         with torch.no_grad():
             target.copy_(tensor)
-        self._written.add(name)
+        self._written.add(live)
 
     def _untie(self, name: str, target: Tensor) -> Tensor:
         owner, _, attr = name.rpartition(".")
@@ -67,10 +78,6 @@ class LiveModelSink:
             self._tied[other] = [o for o in self._tied.get(other, ()) if o != name]
         self._targets[name] = untied
         return untied
-
-    @property
-    def written(self) -> frozenset[str]:
-        return frozenset(self._written)
 
     def close(self) -> None:
         self._written.clear()
