@@ -139,7 +139,7 @@ def merge_recipe_to_dir(
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force=force) as tmp:
         card = model_card(recipe, seed)
-        with SafetensorsSink(tmp, layout, modelset.reference.path, max_shard_bytes, card) as sink:
+        with SafetensorsSink(tmp, layout, modelset.template_dir, max_shard_bytes, card) as sink:
             if progress:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -7,6 +7,7 @@ the character tokenizer, optionally with added tokens in some experts.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def build_models(
     base = AutoModelForCausalLM.from_config(config)
     paths = {}
     for i, name in enumerate(("base", *experts)):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # a resize changes its model's config
         model.load_state_dict(base.state_dict())
         own = build_char_tokenizer()
         if name != "base":
