@@ -84,7 +84,7 @@ class ModelStructure:
     architecture: str
     num_layers: int
     layer_path: str  # the decoder-layer list in the live model, e.g. "model.layers" or "gpt_neox.layers"
-    roles: dict[str, Role]  # every checkpoint tensor the model loads
+    roles: dict[str, Role]  # every checkpoint tensor (dropped ones inside the layers: by the module they sit in)
     layer_of: dict[str, int]  # the layer tensors' decoder layer
     norms: frozenset[str]  # norm weights inside the layers
     tied: dict[str, str]  # a tensor → the one it is tied to, when the config ties them (the head → the embeddings)
@@ -95,7 +95,7 @@ class ModelStructure:
     def _split(self, name: str) -> tuple[str, str]:
         """A layer tensor's checkpoint name around its layer index: (`model.layers`, `self_attn.q_proj.weight`)."""
         layer = self.layer_of[name]
-        live = self.names.to_live(name) or name
+        live = self.names.to_live(name)
         inner = live[len(f"{self.layer_path}.{layer}.") :]
         if name.endswith(f".{layer}.{inner}"):  # renamed (if at all) only before the layer index
             return name[: len(name) - len(inner) - len(f".{layer}.")], inner
@@ -266,6 +266,15 @@ def _live_roles(model: torch.nn.Module, layer_path: str, calls: dict[str, _Call]
     return roles, norms
 
 
+def _ancestors(name: str, layer_path: str) -> list[str]:
+    """The module paths above tensor `name` inside its decoder layer, innermost first."""
+    parts = name.split(".")
+    if not name.startswith(layer_path + "."):
+        return []
+    depth = len(layer_path.split(".")) + 1  # the layer itself (`model.layers.3`) is not among them
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, depth, -1)]
+
+
 def model_structure(config: Any, checkpoint_names: list[str] | None = None) -> ModelStructure:
     """The structure of the model `config` describes (built on the meta device; nothing is allocated),
     keyed by `checkpoint_names` (default: the names `save_pretrained` would write).
@@ -289,18 +298,31 @@ def model_structure(config: Any, checkpoint_names: list[str] | None = None) -> M
     norms: set[str] = set()
     dropped: list[str] = []
     checkpoint_of: dict[str, str] = {}
+    module_roles = {  # every module inside the layers → the role of the tensors under it
+        owner: role
+        for name, role in live_roles.items()
+        if name.startswith(layer_path + ".")
+        for owner in _ancestors(name, layer_path)
+    }
     for name in checkpoint_names:
         live = names.to_live(name)
-        if live is None:
+        if names.dropped(name):
             dropped.append(name)
-            continue
-        if live not in live_roles:
+            owner = next((a for a in _ancestors(live, layer_path) if a in module_roles), None)
+            if owner is not None:
+                roles[name] = module_roles[owner]
+            elif live.startswith(layer_path + "."):
+                roles[name] = "attention"  # a layer's own tensor, as in `_live_roles`
+            else:
+                roles[name] = "other"
+        elif live not in live_roles:
             raise ArchitectureError(
                 f"checkpoint tensor {name!r} has no place in {type(model).__name__} as transformers loads it "
                 f"(it would load as {live!r}); the checkpoint and its config.json describe different models"
             )
-        checkpoint_of[live] = name
-        roles[name] = live_roles[live]
+        else:
+            checkpoint_of[live] = name
+            roles[name] = live_roles[live]
         if live.startswith(layer_path + "."):
             layer_of[name] = int(live[len(layer_path) + 1 :].split(".", 1)[0])
         if live in live_norms:

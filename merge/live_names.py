@@ -58,10 +58,8 @@ class NameMap:
     def live_names(self) -> list[str]:
         return list(self._live)
 
-    def to_live(self, name: str) -> str | None:
-        """The model's name for checkpoint tensor `name`; None when transformers drops it on load: the model
-        class lists it among the keys to ignore (GPT-NeoX's `attention.bias`), or it is a buffer the model
-        no longer saves (`rotary_emb.inv_freq`)."""
+    def to_live(self, name: str) -> str:
+        """The model's name for checkpoint tensor `name` (renamed as transformers renames it on load)."""
         live = name
         if self._load or self._converters:
             from transformers.core_model_loading import rename_source_key
@@ -72,11 +70,14 @@ class NameMap:
                     f"transformers fuses checkpoint tensor {name!r} with others when it loads this model ({converter}); "
                     "mergetune merges tensor by tensor and cannot follow that (mixture-of-experts layouts are not supported yet)"
                 )
-        if live not in self._live and (
-            any(p.search(name) for p in self._ignored) or any(name.endswith("." + leaf) for leaf in self._stale)
-        ):
-            return None
         return live
+
+    def dropped(self, name: str) -> bool:
+        """Whether transformers drops checkpoint tensor `name` on load: the model class lists it among the keys to
+        ignore (GPT-NeoX's `attention.bias`), or it is a buffer the model no longer saves (`rotary_emb.inv_freq`)."""
+        return self.to_live(name) not in self._live and (
+            any(p.search(name) for p in self._ignored) or any(name.endswith("." + leaf) for leaf in self._stale)
+        )
 
     def to_checkpoint(self, live: str) -> str:
         """The checkpoint name `save_pretrained` writes for the model's tensor `live`."""

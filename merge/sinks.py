@@ -57,7 +57,7 @@ class LiveModelSink:
 
     def write(self, name: str, tensor: Tensor) -> None:
         if name not in self._live:
-            self._live[name] = self._names.to_live(name)
+            self._live[name] = None if self._names.dropped(name) else self._names.to_live(name)
         live = self._live[name]
         if live is None:
             return
@@ -119,11 +119,13 @@ class SafetensorsSink:
         template_dir: str | os.PathLike | None = None,
         max_shard_bytes: int = 5 * 1024**3,
         model_card: str | None = None,
+        untie: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.layout = layout
         self.template_dir = Path(template_dir) if template_dir is not None else None
         self.model_card = model_card
+        self.untie = untie
         self._place: dict[str, tuple[int, int, int]] = {}  # name → (shard, byte offset in file, byte length)
         shards: list[list[str]] = [[]]
         size = 0
@@ -199,12 +201,17 @@ class SafetensorsSink:
                 shutil.copy2(src, self.out_dir / src.name)
         config = self.out_dir / "config.json"
         dtypes = {dtype for dtype, _ in self.layout.values() if dtype.is_floating_point}
-        if config.is_file() and len(dtypes) == 1:
-            (dtype,) = dtypes
+        if config.is_file() and (len(dtypes) == 1 or self.untie):
             data = json.loads(config.read_text())
-            for key in ("dtype", "torch_dtype"):
-                if key in data:
-                    data[key] = str(dtype).removeprefix("torch.")
+            if len(dtypes) == 1:
+                (dtype,) = dtypes
+                for key in ("dtype", "torch_dtype"):
+                    if key in data:
+                        data[key] = str(dtype).removeprefix("torch.")
+            if self.untie:  # a head of its own: every loader (vLLM's too) must read it, not the embeddings
+                for section in (data, data.get("text_config")):
+                    if isinstance(section, dict) and section.get("tie_word_embeddings"):
+                        section["tie_word_embeddings"] = False
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def _close_files(self) -> None:

@@ -88,6 +88,7 @@ class SearchSpace:
         self.models = {"base": config.models.base, **config.models.experts}
         self.experts = list(config.models.experts)
         self.seed = config.seed
+        self.tokenizer = config.tokenizer
         has_moments = set(config.models.moments) == set(self.experts)
         stats = {"moments": has_moments, "fisher": bool(config.models.fisher) or has_moments, "gram": bool(config.models.gram)}
         self.methods = self._allowed_methods(self.search.methods, stats)
@@ -190,7 +191,7 @@ class SearchSpace:
         if not self.search.separate_embeddings:
             # Embeddings, final norm and head follow group 0's choice.
             rules.append(rules[0].model_copy(update={"match": ["*"], "layers": None}))
-        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number)
+        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number, tokenizer=self.tokenizer)
 
     # --- classic recipes as params (warm start) ---
     def uniform_params(self, method: str, overrides: dict[str, float]) -> dict[str, object]:

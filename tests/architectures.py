@@ -34,7 +34,8 @@ def tiny_config(arch: str, num_layers: int = 2, vocab_size: int | None = None, *
     import transformers
 
     class_name, extra = ARCHITECTURES[arch]
-    fields = {**ARCH_SIZES, **extra, "num_hidden_layers": num_layers, **overrides}
+    # The character tokenizer's special ids (zoo/tokenizer.py): <pad> 0, <s> 1, </s> 2.
+    fields = {**ARCH_SIZES, **extra, "num_hidden_layers": num_layers, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **overrides}
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
     config = getattr(transformers, class_name)(**fields)
@@ -70,7 +71,6 @@ def build_models(
     added_tokens = added_tokens or {}
     tokenizer = build_char_tokenizer()
     config = tiny_config(arch, num_layers, vocab_size=len(tokenizer), **config_overrides)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(config)
     paths = {}
@@ -93,5 +93,24 @@ def build_models(
         path = root / name
         model.save_pretrained(path, safe_serialization=True)
         own.save_pretrained(path)
+        if arch == "gpt_neox":
+            add_pythia_buffers(path / "model.safetensors", config)
         paths[name] = str(path)
     return paths
+
+
+def add_pythia_buffers(path: Path, config) -> None:
+    """The per-layer buffers Pythia's checkpoints on the hub carry (and mergekit's GPT-NeoX definition requires),
+    which transformers 5 no longer saves and drops on load: the causal mask, its fill value, RoPE's inverse frequencies."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    positions = config.max_position_embeddings
+    rotary = int(config.hidden_size // config.num_attention_heads * config.rope_parameters["partial_rotary_factor"])
+    for i in range(config.num_hidden_layers):
+        p = f"gpt_neox.layers.{i}.attention."
+        tensors[p + "bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
+        tensors[p + "masked_bias"] = torch.tensor(-1e9)
+        tensors[p + "rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+    save_file(tensors, path, metadata={"format": "pt"})
