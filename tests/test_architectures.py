@@ -209,3 +209,46 @@ def test_a_study_runs_and_its_export_loads_and_scores_as_its_trial(zoo, arch, tm
     export_trial(study, best, tmp_path / "export", fmt="all")
     assert (tmp_path / "export" / "mergekit.yaml").is_file()
     assert _scores(tmp_path / "export", config)["rev.logprob"] == pytest.approx(best.user_attrs["scores"]["rev.logprob"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tied_base(zoo, tmp_path_factory) -> dict[str, str]:
+    """Qwen2-shaped models whose base ties its head (no lm_head in its file) while the experts store their own."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("mixed_tie")
+    untied = build_models(root / "untied", "qwen2", EXPERTS, num_layers=LAYERS, seed=4, tie_word_embeddings=False)
+    base = AutoModelForCausalLM.from_pretrained(untied["base"])
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    base.save_pretrained(root / "base")
+    shutil.copy(Path(untied["base"]) / "tokenizer.json", root / "base")
+    shutil.copy(Path(untied["base"]) / "tokenizer_config.json", root / "base")
+    assert "lm_head.weight" not in load_file(root / "base" / "model.safetensors")
+    return {**untied, "base": str(root / "base")}
+
+
+def test_a_tied_base_with_untied_experts_exports_an_untied_model_that_vllm_would_read_the_same(tied_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = Recipe.from_dict({"models": tied_base, "base": "base", "rules": [{"match": "*", "method": "task_arithmetic"}]})
+    merge_recipe_to_dir(recipe, tmp_path / "out")
+    # A head of its own: every loader must use it (vLLM skips `lm_head.` when the config ties it).
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(out.lm_head.weight, load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"])
+    assert out.lm_head.weight.data_ptr() != out.model.embed_tokens.weight.data_ptr()
+
+
+def test_vllm_refuses_a_tied_base_whose_experts_store_their_own_heads(tied_base, tmp_path):
+    from mergetune.core.errors import ConfigError
+    from mergetune.search.plan import checked_config
+
+    data = study_data(tied_base, tmp_path, "tied_vllm", evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["rev"]})
+    with pytest.raises(ConfigError, match=r"vllm: the base ties lm_head.weight to its embeddings but an expert stores its own"):
+        checked_config(parse_study_config(data, "test"))
+    tied = study_data(build_models(tmp_path / "all_tied", "gemma2", EXPERTS), tmp_path, "gemma_vllm",
+                      evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["rev"]})  # fmt: skip
+    assert checked_config(parse_study_config(tied, "test")).models is not None  # every model tied: nothing to refuse
