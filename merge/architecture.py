@@ -86,7 +86,6 @@ class ModelStructure:
     layer_path: str  # the decoder-layer list in the live model, e.g. "model.layers" or "gpt_neox.layers"
     roles: dict[str, Role]  # every checkpoint tensor (dropped ones inside the layers: by the module they sit in)
     layer_of: dict[str, int]  # the layer tensors' decoder layer
-    norms: frozenset[str]  # norm weights inside the layers
     tied: dict[str, str]  # a tensor → the one it is tied to, when the config ties them (the head → the embeddings)
     dropped: tuple[str, ...]  # checkpoint tensors transformers drops on load
     names: NameMap = field(repr=False, compare=False)
@@ -210,7 +209,7 @@ def _place(child: str, blocks: dict[str, str], calls: dict[str, _Call] | None) -
     """The block (child name of attention/mlp) a norm or other small module belongs to: the block its output
     feeds (a pre-norm), else the block whose output it takes (a post-norm), else the next block called."""
     if calls is None or child not in calls:
-        name = child.lower()
+        name = child.rpartition(".")[2].lower()
         mlp = next((b for b, kind in blocks.items() if kind == "mlp"), None)
         attention = next((b for b, kind in blocks.items() if kind == "attention"), None)
         if mlp is not None and (any(w in name for w in _MLP_WORDS) or name.startswith("post_attention")):
@@ -228,11 +227,10 @@ def _place(child: str, blocks: dict[str, str], calls: dict[str, _Call] | None) -
     return later[0] if later else ordered[-1][1] if ordered else next(iter(blocks))
 
 
-def _live_roles(model: torch.nn.Module, layer_path: str, calls: dict[str, _Call] | None) -> tuple[dict[str, Role], set[str]]:
-    """Role of every live tensor, and the norm weights among the layer tensors."""
+def _live_roles(model: torch.nn.Module, layer_path: str, calls: dict[str, _Call] | None) -> dict[str, Role]:
+    """Role of every tensor of the live model (its `state_dict` names)."""
     layers = model.get_submodule(layer_path)
     role_of_module: dict[str, Role] = {}
-    norm_modules: set[str] = set()
     for i, layer in enumerate(layers):
         kinds = {f"{layer_path}.{i}.{attr}": _kind(attr, module) for attr, module in layer.named_children()}
         blocks = {path: kind for path, kind in kinds.items() if kind in LAYER_ROLES}
@@ -240,21 +238,16 @@ def _live_roles(model: torch.nn.Module, layer_path: str, calls: dict[str, _Call]
             raise ArchitectureError(f"{type(model).__name__}: layer {i} has no attention or MLP module; cannot group its tensors")
         for path, kind in kinds.items():
             role_of_module[path] = kind if kind in LAYER_ROLES else blocks[_place(path, blocks, calls)]  # type: ignore[assignment]
-            if kind == "norm":
-                norm_modules.add(path)
     paths = {id(module): name for name, module in model.named_modules()}
     embedding = paths.get(id(model.get_input_embeddings())) if hasattr(model, "get_input_embeddings") else None
     head = paths.get(id(model.get_output_embeddings())) if hasattr(model, "get_output_embeddings") else None
     decoder = paths.get(id(model.get_decoder())) if hasattr(model, "get_decoder") else ""
     roles: dict[str, Role] = {}
-    norms: set[str] = set()
     for name in model.state_dict():
         owner = name.rpartition(".")[0]
         if name.startswith(layer_path + "."):
             module = next((p for p in role_of_module if owner == p or owner.startswith(p + ".")), None)
             roles[name] = role_of_module[module] if module is not None else "attention"  # the layer's own tensors
-            if module in norm_modules:
-                norms.add(name)
         elif owner == embedding:
             roles[name] = "embedding"
         elif owner == head:
@@ -263,7 +256,7 @@ def _live_roles(model: torch.nn.Module, layer_path: str, calls: dict[str, _Call]
             roles[name] = "final_norm"
         else:
             roles[name] = "other"
-    return roles, norms
+    return roles
 
 
 def _ancestors(name: str, layer_path: str) -> list[str]:
@@ -286,7 +279,7 @@ def model_structure(config: Any, checkpoint_names: list[str] | None = None) -> M
     layer_path = _decoder_layers(model, num_layers)
     layers = model.get_submodule(layer_path)
     calls = _trace(model, [f"{layer_path}.{i}.{attr}" for i, layer in enumerate(layers) for attr, _ in layer.named_children()])
-    live_roles, live_norms = _live_roles(model, layer_path, calls)
+    live_roles = _live_roles(model, layer_path, calls)
     names = NameMap(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     declared = getattr(model, "_tied_weights_keys", None)
@@ -295,7 +288,6 @@ def model_structure(config: Any, checkpoint_names: list[str] | None = None) -> M
         checkpoint_names = [names.to_checkpoint(name) for name in live_roles if name not in live_tied]
     roles: dict[str, Role] = {}
     layer_of: dict[str, int] = {}
-    norms: set[str] = set()
     dropped: list[str] = []
     checkpoint_of: dict[str, str] = {}
     module_roles = {  # every module inside the layers → the role of the tensors under it
@@ -325,12 +317,9 @@ def model_structure(config: Any, checkpoint_names: list[str] | None = None) -> M
             roles[name] = live_roles[live]
         if live.startswith(layer_path + "."):
             layer_of[name] = int(live[len(layer_path) + 1 :].split(".", 1)[0])
-        if live in live_norms:
-            norms.add(name)
     tied = {checkpoint_of.get(a, names.to_checkpoint(a)): checkpoint_of.get(b, names.to_checkpoint(b)) for a, b in live_tied.items()}
     return ModelStructure(
-        type(model).__name__, num_layers, layer_path, roles, layer_of, frozenset(norms), tied, tuple(dropped), names,
-        calls is not None,
+        type(model).__name__, num_layers, layer_path, roles, layer_of, tied, tuple(dropped), names, calls is not None
     )
 
 

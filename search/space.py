@@ -3,9 +3,9 @@
 Layers are split into G groups of consecutive layers (optionally attention and MLP apart,
 plus one group for embeddings, final norm and head). Which tensors are attention, MLP or
 outside the layers comes from the base model's own module tree (merge/architecture.py), so
-Gemma's extra norms and GPT-NeoX's fused attention land in their block's group. Per group, `"{group}.method"` is a
-categorical choice; only the chosen method's parameters are suggested, so they are
-conditional on it. Parameter names are stable across trials so TPE/NSGA-II can learn:
+Gemma's extra norms and GPT-NeoX's fused attention land in their block's group. Per group,
+`"{group}.method"` is a categorical choice; only the chosen method's parameters are
+suggested, so they are conditional on it. Parameter names are stable across trials so TPE/NSGA-II can learn:
 
     g0.method                  categorical over the allowed methods
     g0.weight.<expert>         mixing weight (methods that weight experts); the M³ prior draws
@@ -93,9 +93,9 @@ class SearchSpace:
         stats = {"moments": has_moments, "fisher": bool(config.models.fisher) or has_moments, "gram": bool(config.models.gram)}
         self.methods = self._allowed_methods(self.search.methods, stats)
         self._check_against_methods()
-        self.structure = structure if structure is not None else base_structure(config.models.base)
+        structure = structure if structure is not None else base_structure(config.models.base)
         self.groups = layer_groups(
-            self.structure, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
+            structure, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
         )
 
     def _allowed_methods(self, requested: list[str] | None, stats: dict[str, bool]) -> list[str]:

@@ -83,6 +83,7 @@ def test_every_tensor_is_in_exactly_one_group_the_group_of_its_block(zoo, arch, 
     ckpt = ModelSet.from_dirs(models["base"], {e: models[e] for e in EXPERTS}).reference
     names = list(ckpt.infos)
     structure = ckpt.structure()
+    assert structure.traced  # norms placed by the forward pass on meta tensors, not by the name fallback
     config = parse_study_config(study_data(models, tmp_path, "groups"), "test")
     space = SearchSpace(config)
     groups = groups_of(space, names)
@@ -252,3 +253,21 @@ def test_vllm_refuses_a_tied_base_whose_experts_store_their_own_heads(tied_base,
     tied = study_data(build_models(tmp_path / "all_tied", "gemma2", EXPERTS), tmp_path, "gemma_vllm",
                       evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["rev"]})  # fmt: skip
     assert checked_config(parse_study_config(tied, "test")).models is not None  # every model tied: nothing to refuse
+
+
+def test_without_a_meta_forward_pass_norms_are_placed_by_their_names(monkeypatch, caplog):
+    import transformers
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    for cls in (transformers.LlamaForCausalLM, transformers.Gemma2ForCausalLM):
+        monkeypatch.setattr(cls, "forward", fails)
+    with caplog.at_level(logging.WARNING):
+        llama, gemma = model_structure(tiny_config("llama")), model_structure(tiny_config("gemma2"))
+    assert not llama.traced and "norms are grouped by their names" in caplog.text
+    assert llama.layer_patterns("mlp") == ("model.layers.*.mlp.*", "model.layers.*.post_attention_layernorm.*")
+    assert gemma.layer_patterns("mlp") == (
+        "model.layers.*.mlp.*", "model.layers.*.post_attention_layernorm.*",
+        "model.layers.*.pre_feedforward_layernorm.*", "model.layers.*.post_feedforward_layernorm.*",
+    )  # fmt: skip  (the Llama convention: Gemma's post-attention norm lands with the MLP without the trace)
