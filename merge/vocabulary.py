@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
 
 from mergetune.core.errors import ModelSetError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made: study configs validate without it
+    import torch
+    from torch import Tensor
+
     from mergetune.merge.modelset import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -128,11 +129,15 @@ class _Plan:
     rows: dict[str, Tensor]  # label → per output row, the model's own row (-1: it lacks the token)
 
     def identity(self, own_rows: dict[str, int]) -> bool:
+        import torch
+
         ids = torch.arange(self.size)
         return all(own_rows[label] == self.size and torch.equal(rows, ids) for label, rows in self.rows.items())
 
 
 def _plan(out_vocab: dict[str, int], vocabs: dict[str, dict[str, int]], pad_to: int | None) -> _Plan:
+    import torch
+
     tokens = len(out_vocab)
     if sorted(out_vocab.values()) != list(range(tokens)):
         raise ModelSetError("tokenizer.source: the output tokenizer's ids are not 0..n-1 without gaps; it cannot index an embedding")
@@ -149,6 +154,8 @@ def _plan(out_vocab: dict[str, int], vocabs: dict[str, dict[str, int]], pad_to: 
 
 def _aligned(plan: _Plan, tensors: dict[str, Tensor], base_label: str, dtype: torch.dtype) -> dict[str, Tensor]:
     """Every model's tensor re-indexed to the output vocabulary (mergekit's default embeddings for missing tokens)."""
+    import torch
+
     labels = list(tensors)
     present = torch.stack([plan.rows[label][: plan.tokens] >= 0 for label in labels])  # models × tokens
     missing = (~present.all(dim=0)).nonzero().flatten().tolist()
@@ -217,6 +224,7 @@ def align_vocabularies(
 ) -> Vocabulary | None:
     """Re-index the token-indexed tensors `names` of every model to the output vocabulary of `spec` (None when
     nothing changes: same tokens, same rows); the checkpoints then read those tensors from the cache."""
+    import torch
     from safetensors.torch import save_file
 
     from mergetune.merge.reader import read_stored

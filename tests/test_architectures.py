@@ -271,3 +271,26 @@ def test_without_a_meta_forward_pass_norms_are_placed_by_their_names(monkeypatch
         "model.layers.*.mlp.*", "model.layers.*.post_attention_layernorm.*",
         "model.layers.*.pre_feedforward_layernorm.*", "model.layers.*.post_feedforward_layernorm.*",
     )  # fmt: skip  (the Llama convention: Gemma's post-attention norm lands with the MLP without the trace)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gemma2", "qwen3"])
+def test_the_vllm_push_sends_checkpoint_names_and_no_head_of_a_tied_model(zoo, arch, tmp_path, vllm_engine_core):
+    """vLLM's loaders take Hugging Face checkpoint names (README table): GPT-NeoX's head is `embed_out.weight`
+    there, not transformers 5's `lm_head.weight`; a tied model's head is its embeddings, pushed once."""
+    from types import SimpleNamespace
+
+    from fake_vllm import FakeLLM
+
+    from mergetune.evaluators.vllm import VLLMBackend
+
+    models = zoo[arch]
+    recipe = Recipe.from_dict({"models": models, "base": "base", "rules": [{"match": "*", "method": "task_arithmetic"}]})
+    modelset = ModelSet.from_recipe(recipe)
+    layout = {name: list(info.shape) for name, info in modelset.reference.infos.items()}  # what vLLM's load_weights takes
+    llm = FakeLLM(vllm_engine_core, layout, "float32")
+    ResidentModelSet.load(modelset).merge_into(recipe, VLLMBackend(SimpleNamespace(model=llm), bucket_bytes=4096).weight_sink(), seed=0)
+    merge_recipe_to_dir(recipe, tmp_path / "out")
+    expected, pushed = load_file(tmp_path / "out" / "model.safetensors"), llm.weights()
+    assert set(pushed) == set(expected) and all(torch.equal(pushed[n].to(expected[n].dtype), expected[n]) for n in expected)
+    assert "lm_head.weight" not in pushed
+    assert ("embed_out.weight" in pushed) == (arch == "gpt_neox")
