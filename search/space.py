@@ -26,7 +26,7 @@ from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.merge.architecture import ModelStructure, structure_of
 from mergetune.merge.domains import UNWEIGHTED_METHODS, weight_domain
 from mergetune.merge.methods import get_method, method_names
-from mergetune.merge.recipe import Recipe, Rule
+from mergetune.merge.recipe import Recipe, Rule, layer_index
 from mergetune.search.config import StudyConfig
 from mergetune.search.params import SEARCHED_PARAMS, WEIGHT
 
@@ -54,11 +54,22 @@ def base_structure(base: str) -> ModelStructure:
 
     try:
         path = resolve_model_dir(base)
-        if has_weights(path):
-            return Checkpoint.open(path).structure()
-        return structure_of(path)
+        structure = Checkpoint.open(path).structure() if has_weights(path) else structure_of(path)
     except MergetuneError as exc:
         raise ConfigError(f"models.base: {exc}") from None
+    check_layer_names(structure)
+    return structure
+
+
+def check_layer_names(structure: ModelStructure) -> None:
+    """Recipes address layers by `layers.N.` in tensor names (`layer_index`); refuse a model whose layers are
+    named otherwise (GPT-2's `transformer.h.N`), whose tensors no layer group would ever match."""
+    odd = next((name for name, layer in structure.layer_of.items() if layer_index(name) != layer), None)
+    if odd is not None:
+        raise ConfigError(
+            f"models.base: {structure.architecture} names its decoder layers like {odd!r}; recipes address layers "
+            "as `layers.N.` only, so this architecture is not supported yet"
+        )
 
 
 def layer_groups(structure: ModelStructure, groups: int, split_attention_mlp: bool, separate_embeddings: bool) -> list[LayerGroup]:

@@ -294,3 +294,16 @@ def test_the_vllm_push_sends_checkpoint_names_and_no_head_of_a_tied_model(zoo, a
     assert set(pushed) == set(expected) and all(torch.equal(pushed[n].to(expected[n].dtype), expected[n]) for n in expected)
     assert "lm_head.weight" not in pushed
     assert ("embed_out.weight" in pushed) == (arch == "gpt_neox")
+
+
+def test_a_model_whose_layers_recipes_cannot_address_is_refused_in_one_line():
+    import transformers
+
+    from mergetune.core.errors import ConfigError
+    from mergetune.search.space import check_layer_names
+
+    gpt2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel names its decoder layers like 'transformer\.h\.0\.[\w.]+'; "
+                                          r"recipes address layers as `layers\.N\.` only"):  # fmt: skip
+        check_layer_names(model_structure(gpt2))
+    check_layer_names(model_structure(tiny_config("gpt_neox")))  # `gpt_neox.layers.N.`: addressable
