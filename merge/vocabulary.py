@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,8 +153,9 @@ def _plan(out_vocab: dict[str, int], vocabs: dict[str, dict[str, int]], pad_to: 
     return _Plan(size, tokens, rows)
 
 
-def _aligned(plan: _Plan, tensors: dict[str, Tensor], base_label: str, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Every model's tensor re-indexed to the output vocabulary (mergekit's default embeddings for missing tokens)."""
+def _aligned(plan: _Plan, tensors: dict[str, Tensor], base_label: str, dtype: torch.dtype) -> Iterator[Tensor]:
+    """Each model's tensor re-indexed to the output vocabulary, in model order, one at a time (mergekit's
+    default embeddings for the tokens a model lacks)."""
     import torch
 
     labels = list(tensors)
@@ -175,7 +177,6 @@ def _aligned(plan: _Plan, tensors: dict[str, Tensor], base_label: str, dtype: to
             source = have
         stacked = torch.stack([tensors[label][int(plan.rows[label][row])].float() for label in source])
         defaults[row] = stacked.mean(dim=0)
-    out = {}
     for label, tensor in tensors.items():
         index = plan.rows[label]
         aligned = torch.zeros((plan.size, *width), dtype=dtype)
@@ -186,8 +187,7 @@ def _aligned(plan: _Plan, tensors: dict[str, Tensor], base_label: str, dtype: to
                 aligned[row] = value.to(dtype)
         if plan.size > plan.tokens:
             aligned[plan.tokens :] = aligned[: plan.tokens].float().mean(dim=0).to(dtype)
-        out[label] = aligned
-    return out
+        yield aligned
 
 
 def _digest(models: list[tuple[str, Checkpoint]], spec: TokenizerSpec, names: list[str]) -> str:
@@ -234,6 +234,8 @@ def align_vocabularies(
     ckpts = dict(models)
     if spec.source not in ("base", "union", *labels):
         raise ModelSetError(f"tokenizer.source: {spec.source!r} names no model; give base, union or one of {', '.join(labels)}")
+    if not names:
+        raise ModelSetError(f"tokenizer: {ckpts[base_label].path} has no token-indexed tensor (embeddings) to merge by token")
     own_rows = {label: ckpt.infos[names[0]].shape[0] for label, ckpt in models}
     tokenizers = {label: _load_tokenizer(ckpt.path) for label, ckpt in models}
     vocabs = {label: _own_vocab(tokenizers[label], own_rows[label]) for label in labels}
@@ -256,7 +258,7 @@ def align_vocabularies(
                 dtype = tensors[labels[0]].dtype
                 for tensor in tensors.values():
                     dtype = torch.promote_types(dtype, tensor.dtype)
-                for m, aligned in enumerate(_aligned(plan, tensors, base_label, dtype).values()):
+                for m, aligned in enumerate(_aligned(plan, tensors, base_label, dtype)):
                     save_file({name: aligned.contiguous()}, tmp / ALIGNED_FILE.format(model=m, tensor=t), metadata={"format": "pt"})
             _write_template(tmp / TEMPLATE_DIR, ckpts[base_label].path, out_tokenizer, plan.size)
             try:
