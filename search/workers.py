@@ -42,6 +42,7 @@ def load_modelset(config: StudyConfig):
         moments=paths(models.moments),
         fisher=paths(models.fisher),
         gram=paths(models.gram),
+        tokenizer=config.tokenizer,
     )
 
 
@@ -100,11 +101,13 @@ class TrialWorker:
         device = worker_device(config)
         started = time.perf_counter()
         assert config.models is not None
-        # The engine starts first (vLLM checks that its share of the GPU is free); the inputs take what is left.
+        # Headers first (and the vocabulary alignment, which writes files only): the live model takes its shape.
+        # The engine starts next (vLLM checks that its share of the GPU is free); the inputs take what is left.
         # The evaluator decides the backend: lm_eval with `backend: vllm` gets a vLLM engine, else transformers.
-        self.backend = load_backend(config.evaluator, config.models.base, device)
+        modelset = load_modelset(config)
+        self.backend = load_backend(config.evaluator, config.models.base, device, modelset.vocabulary)
         check_device_room(config, device)
-        self.resident = ResidentModelSet.load(load_modelset(config), device=device, placement=resident_placement(config))
+        self.resident = ResidentModelSet.load(modelset, device=device, placement=resident_placement(config))
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()
         self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second

@@ -17,6 +17,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from test_studies_fixtures import EXPERTS, build_tiny_models, make_study
 
+from architectures import tiny_structure
+
 from mergetune.cli.main import main
 from mergetune.core.errors import ConfigError
 from mergetune.search.config import parse_study_config
@@ -161,7 +163,7 @@ def test_a_per_expert_param_that_no_method_takes_per_expert_is_refused(tmp_path)
     data = _with(search__methods=["ota"], search__ranges={"weight": [-1.0, 1.0]})
     data["models"]["moments"] = moments
     with pytest.raises(ConfigError, match=r"search\.ranges\.weight: \[-1, 1\] must lie in \[0, inf\) for 'ota'"):
-        SearchSpace(parse_study_config(data, "study.yaml"), n_layers=2)
+        SearchSpace(parse_study_config(data, "study.yaml"), structure=tiny_structure(num_layers=2))
 
 
 def test_warm_start_baselines_are_the_classics_or_skipped_never_clipped_towards_the_base(caplog):
@@ -169,13 +171,13 @@ def test_warm_start_baselines_are_the_classics_or_skipped_never_clipped_towards_
     from mergetune.search.warmstart import baseline_params
 
     methods = ["linear", "task_arithmetic", "ties", "dare_ties"]
-    space = SearchSpace(parse_study_config(_with(search__methods=methods, search__ranges={"density": [0.01, 0.02]}), "t"), n_layers=2)
+    space = SearchSpace(parse_study_config(_with(search__methods=methods, search__ranges={"density": [0.01, 0.02]}), "t"), structure=tiny_structure(num_layers=2))
     with caplog.at_level("WARNING"):
         names = [name for name, _ in baseline_params(space)]
     # ties/dare_ties at density 0.02 would be the base model plus 2% of the experts, labelled "ties".
     assert names == ["uniform_average", "task_arithmetic", "task_arithmetic_tuned"]
     assert "baseline ties skipped: density 0.5 lies outside search.ranges.density [0.01, 0.02]" in caplog.text
-    space = SearchSpace(parse_study_config(_with(search__methods=methods), "t"), n_layers=2)
+    space = SearchSpace(parse_study_config(_with(search__methods=methods), "t"), structure=tiny_structure(num_layers=2))
     baselines = dict(baseline_params(space))
     recipe = space.recipe(optuna.trial.FixedTrial(baselines["dare_ties"]))
     assert all(rule.params == {"density": {"x": 0.5, "y": 0.5}, "lambda": 1.0} for rule in recipe.rules)
