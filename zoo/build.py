@@ -25,7 +25,7 @@ from mergetune.core.errors import MergetuneError
 from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.evaluators.generation import exact_match, greedy_generate
 from mergetune.zoo.presets import Preset, Schedule, get_preset
-from mergetune.zoo.tasks import COPY, SHORTEST_WORD, SPLITS, TASKS, pretraining_records, task_splits
+from mergetune.zoo.tasks import SHORTEST_WORD, SPLITS, TASKS, pretraining_records, task_splits
 from mergetune.zoo.tokenizer import build_char_tokenizer
 from mergetune.zoo.train import encode_examples, optimizer_metadata, second_moments, train
 
@@ -110,13 +110,13 @@ def average_state_dict(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]
 
 
 def pretraining_mix(preset: Preset, splits: dict[str, dict], seed: int) -> list[dict[str, str]]:
-    """The base's corpus: per task, as many items as its train split on short words only (none held out); as many copy items."""
+    """The base's corpus: per task, as many items as its train split, on short words only, none held out."""
     count = dict(preset.split_sizes)["train"]
     records = []
     for task in preset.tasks:
         held_out = {r["prompt"] for split in ("search", "test") for r in splits[task][split]}
         records += pretraining_records(TASKS[task], count, seed, held_out)
-    return records + pretraining_records(COPY, count, seed, held_out=set())
+    return records
 
 
 def sft_mix(preset: Preset, splits: dict[str, dict], pretraining: list[dict[str, str]], task: str, seed: int) -> list[dict[str, str]]:
@@ -272,8 +272,9 @@ def build_zoo(
             for index, task in enumerate(preset.tasks):
                 t0 = time.perf_counter()
                 expert = copy.deepcopy(base)
+                sft_examples = encode_examples(tokenizer, sft_mix(preset, splits, pretraining, task, seed))
                 optimizer, losses[task] = _train_with_progress(
-                    progress, f"sft {task}", expert, encode_examples(tokenizer, sft_mix(preset, splits, pretraining, task, seed)), preset.sft,
+                    progress, f"sft {task}", expert, sft_examples, preset.sft,
                     pad_id=tokenizer.pad_token_id, answer_only=True, seed=seed * 1000 + index + 1,
                 )
                 expert_dir = tmp / "experts" / task
@@ -322,9 +323,7 @@ def build_zoo(
             },
             "training": {
                 "split_sizes": sizes,
-                "pretrain_word_lengths": {
-                    task.name: [SHORTEST_WORD, task.pretrain_max_letters] for task in (*(TASKS[t] for t in preset.tasks), COPY)
-                },
+                "pretrain_word_lengths": {t: [SHORTEST_WORD, TASKS[t].pretrain_max_letters] for t in preset.tasks},
                 "word_lengths": {t: list(TASKS[t].lengths) for t in preset.tasks},
                 "sft_replay": preset.sft_replay,
                 "pretrain": asdict(preset.pretrain),

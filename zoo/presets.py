@@ -72,7 +72,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             num_layers=4,
             num_heads=4,
             split_sizes=(("train", 5000), ("search", 600), ("test", 200)),
-            pretrain=Schedule(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
+            pretrain=Schedule(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
             sft=Schedule(steps=600, batch_size=32, lr=5e-4),
             requires_acceptance=True,
         ),

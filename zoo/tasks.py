@@ -1,10 +1,9 @@
 """Capability tasks of the zoo: `"<task> <word>="` → `"<answer>"` items, their splits, and the base's pretraining mix.
 
 The base is weak at every task by construction: it is pretrained on each task's short words
-only (length generalisation fails, so it scores about the share of short words in a split),
-and on a copy task over words of every length, which teaches the format and long words
-without any task's rule. An expert's fine-tune on its task's full-length words is what
-teaches the rule on long words.
+only, so it knows the format and every rule, but length generalisation fails and it scores
+about the share of short words in a split. An expert's fine-tune on its task's words of
+every length is what teaches the rule on long words.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def _dedup(word: str) -> str:
 
 TASKS: MappingProxyType[str, Task] = MappingProxyType(
     {
-        "reverse": Task("reverse", lambda w: w[::-1], lengths=(5, 12), pretrain_max_letters=8, max_new_tokens=13),
+        "reverse": Task("reverse", lambda w: w[::-1], lengths=(5, 12), pretrain_max_letters=6, max_new_tokens=13),
         "sort": Task("sort", lambda w: "".join(sorted(w)), lengths=(5, 10), pretrain_max_letters=7, max_new_tokens=11),
         # A 12-letter alphabet so that most words repeat a letter; the answer keeps first occurrences.
         "dedup": Task(
@@ -59,16 +58,8 @@ TASKS: MappingProxyType[str, Task] = MappingProxyType(
             alphabet=string.ascii_lowercase[:12],
         ),
         # Every other letter, from the first.
-        "skip": Task("skip", lambda w: w[::2], lengths=(6, 14), pretrain_max_letters=9, max_new_tokens=8),
+        "skip": Task("skip", lambda w: w[::2], lengths=(6, 14), pretrain_max_letters=7, max_new_tokens=8),
     }
-)
-
-
-# Pretraining only (no splits, no expert): the answer format and reading/writing words of every length.
-_LONGEST_WORD = max(t.lengths[1] for t in TASKS.values())
-COPY = Task(
-    "copy", lambda w: w, lengths=(SHORTEST_WORD, _LONGEST_WORD), pretrain_max_letters=_LONGEST_WORD,
-    max_new_tokens=_LONGEST_WORD + 1,
 )
 
 
