@@ -97,13 +97,19 @@ def score_mismatches(method: str, vllm: dict[str, float], hf: dict[str, float], 
     return lines
 
 
-def planned_peak_bytes(modelset: Any, device: str, bucket_bytes: int) -> int | None:
-    """The memory plan's prediction of this process's peak CUDA memory (resident set, merge scratch, push bucket).
+def planned_peak_bytes(modelset: Any, methods: list[str], dtype: str, bucket_bytes: int, gpu_bytes: int) -> int:
+    """The memory plan's prediction of this process's peak CUDA memory: the resident inputs (device
+    placement), the merge workspace of the worst method, the push bucket, and the HF reference model
+    with a scoring batch's activations (vLLM's own memory lives in its engine process, not counted here)."""
+    import torch
 
-    Not wired yet: `mergetune plan` (the memory-plan module) is being built; until it lands this
-    returns None and the check prints 'plan: n/a'.
-    """
-    return None
+    from mergetune.merge.memory_plan import Engine, Machine, MethodUse, plan_memory
+
+    machine = Machine(device="cuda", gpu_bytes=gpu_bytes, host_bytes=2**40, workers_per_node=1)
+    uses = [MethodUse(m, ((("density", 0.5),),) if m in ("ties", "dare_ties", "della") else ((),)) for m in methods]
+    ours = plan_memory(modelset, uses, Engine("vllm", dtype=getattr(torch, dtype)), machine, "device").per_worker
+    hf = plan_memory(modelset, uses, Engine("hf", dtype=getattr(torch, dtype)), machine, "device").per_worker
+    return ours["resident_inputs"] + ours["workspace"] + max(bucket_bytes, ours["weight_transfer"]) + hf["engine"] + hf["eval_activations"]
 
 
 def gib(nbytes: float) -> float:
@@ -124,7 +130,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     lines.append(f"push: {seconds / max(gib(pushed), 1e-12):.2f} s/GiB over {gib(pushed):.3f} GiB ({results['transport']})")
     plan = results["memory"]["planned_bytes"]
     lines.append(
-        f"memory: plan: {'n/a' if plan is None else f'{gib(plan):.2f} GiB'}, "
+        f"memory: plan {gib(plan):.2f} GiB, "
         f"torch.cuda.max_memory_allocated {gib(results['memory']['max_allocated_bytes']):.2f} GiB "
         f"(of which the HF reference model {gib(results['memory']['hf_model_bytes']):.2f} GiB)"
     )
@@ -220,7 +226,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trials": trials,
         "dare_masks_match": dare_ok,
         "memory": {
-            "planned_bytes": planned_peak_bytes(modelset, "cuda", bucket_bytes),
+            "planned_bytes": planned_peak_bytes(
+                modelset, METHODS, args.dtype, bucket_bytes, torch.cuda.get_device_properties(0).total_memory
+            ),
             "max_allocated_bytes": torch.cuda.max_memory_allocated(),
             "hf_model_bytes": hf_model_bytes,
         },

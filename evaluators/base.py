@@ -21,6 +21,7 @@ from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, Limit, LmEvalConfig, validate_evaluator_config
 from mergetune.evaluators.generation import NonFiniteLogits
 from mergetune.merge.sinks import LiveModelSink, Sink
+from mergetune.merge.vocabulary import Vocabulary
 
 Split = Literal["search", "test"]
 Part = Literal["all", "head", "rest"]
@@ -90,12 +91,18 @@ class HFBackend:
         self._lm_eval_models: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto") -> HFBackend:
-        """Load an HF model dir (or hub id, through transformers' cache) and its tokenizer onto `device`."""
+    def from_pretrained(
+        cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto", vocabulary: Vocabulary | None = None
+    ) -> HFBackend:
+        """Load an HF model dir (or hub id, through transformers' cache) and its tokenizer onto `device`; with a
+        merged `vocabulary`, its embeddings take the output's size (the merge fills them) and its tokenizer."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        if vocabulary is not None:
+            model.resize_token_embeddings(vocabulary.size, mean_resizing=False)
+        model = model.to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(vocabulary.template_dir if vocabulary is not None else path))
         # Batched greedy generation pads on the left; many causal LMs ship without a pad token.
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -167,13 +174,18 @@ def build_evaluator(config: EvaluatorConfig | dict[str, Any], source: str = "eva
     return QuickEvaluator(validated, source)
 
 
-def load_backend(evaluator_config: EvaluatorConfig | dict[str, Any], path: str | Path, device: str = "cpu") -> Any:
-    """The backend an evaluator config asks for: `backend: vllm` (lm_eval only) → VLLMBackend, else HFBackend."""
+def load_backend(
+    evaluator_config: EvaluatorConfig | dict[str, Any], path: str | Path, device: str = "cpu", vocabulary: Vocabulary | None = None
+) -> Any:
+    """The backend an evaluator config asks for: `backend: vllm` (lm_eval only) → VLLMBackend, else HFBackend
+    (with the merge's output `vocabulary` when the models' vocabularies were aligned)."""
     config = validate_evaluator_config(evaluator_config)
     if isinstance(config, LmEvalConfig) and config.backend == "vllm":
         from mergetune.evaluators.vllm import VLLMBackend
 
+        if vocabulary is not None:
+            raise ConfigError("tokenizer: a merged vocabulary cannot be pushed into a vLLM engine started from the base; use backend: hf")
         return VLLMBackend.from_pretrained(
             path, config.model_args, config.batch_size, config.weight_renames, device, config.push_bucket_mib * 2**20
         )
-    return HFBackend.from_pretrained(path, device)
+    return HFBackend.from_pretrained(path, device, vocabulary=vocabulary)

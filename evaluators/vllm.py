@@ -75,6 +75,29 @@ def vllm_model_args(path: str | Path, model_args: dict[str, Any], batch_size: in
     return {"pretrained": str(path), "batch_size": batch_size, **model_args, "worker_extension_cls": VLLM_WORKER_EXTENSION}
 
 
+def vllm_models_problem(modelset: Any) -> str | None:
+    """Why a vLLM engine started from the base model cannot take this model set's merges (one line), or None.
+
+    The engine's shapes and ties come from the base's config.json: a merged vocabulary has other
+    shapes, and a head merged on its own (a tied base, untied experts) would be skipped by vLLM's
+    loaders, which drop `lm_head.` when the config ties it.
+    """
+    if modelset.vocabulary is not None:
+        return (
+            f"tokenizer: the merged vocabulary ({modelset.vocabulary.size} tokens) differs from the base's, which the vLLM "
+            "engine is started from; score this study with `evaluator.backend: hf`, or give the experts the base's vocabulary"
+        )
+    base = modelset.base
+    if base is not None and (base.path / "config.json").is_file():
+        head = next((name for name in base.tied_weights() if name in base.infos), None)
+        if head is not None:
+            return (
+                f"the base ties {head} to its embeddings but an expert stores its own, and vLLM (started from the base) would "
+                "ignore the merged head; use `evaluator.backend: hf`, or save the base untied (tie_word_embeddings: false)"
+            )
+    return None
+
+
 def vllm_weight_name(name: str, renames: list[tuple[str, str]]) -> str:
     """The name vLLM's `load_weights` expects for a checkpoint tensor `name`.
 

@@ -170,7 +170,8 @@ def merge_recipe_to_dir(
     started = time.perf_counter()
     with atomic_output_dir(out_dir, force=force) as tmp:
         card = model_card(recipe, seed)
-        with SafetensorsSink(tmp, layout, modelset.reference.path, max_shard_bytes, card) as sink:
+        untie = bool(set(modelset.reference.tied_weights()) & set(layout))  # a tied base, merged with its experts' heads
+        with SafetensorsSink(tmp, layout, modelset.template_dir, max_shard_bytes, card, untie=untie) as sink:
             if progress:
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -9,8 +9,9 @@ per-model and global `parameters` (scalars, gradient lists, `{filter, value}` co
 `base_model`, `dtype`/`out_dtype`. Gradients stay gradients (our recipes evaluate them as
 mergekit does). Conditions are resolved against the base model's tensor names: tensors that
 pick the same condition for every parameter form one rule. What has no equivalent here
-(`slices`, `modules`, tokenizer surgery, LoRA references, a parameter mergetune lacks) is
-refused in one line naming it.
+(`slices`, `modules`, per-token embedding settings, LoRA references, a parameter mergetune
+lacks) is refused in one line naming it; `tokenizer_source`/`tokenizer: {source}` map to our
+`tokenizer:` (merge/vocabulary.py).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
 RANDOM_METHODS = frozenset({"dare_ties", "dare_linear", "della", "della_linear"})
 # mergekit parameters that change memory use only, never the result.
 NO_EFFECT_PARAMS = frozenset({"int8_mask"})
-SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+SUPPORTED_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer")
 
 
 def is_mergekit_config(data: object) -> bool:
@@ -153,9 +154,7 @@ def recipe_from_mergekit(config: dict, source: str = "mergekit config") -> Recip
     base_path = _model_path(config["base_model"], f"{source}: base_model") if config.get("base_model") else None
     if target.base == "required" and base_path is None:
         raise ConfigError(f"{source}: merge_method {method} needs base_model")
-    tokenizer = config.get("tokenizer_source")
-    if tokenizer not in (None, "base") and tokenizer != base_path:
-        raise ConfigError(f"{source}: tokenizer_source {tokenizer!r} is not supported; the output takes the base model's tokenizer")
+    tokenizer = _tokenizer_setting(config, source)
 
     inputs: list[tuple[str, dict]] = []  # (path, per-model parameters) of the models merged as experts
     for i, entry in enumerate(entries):
@@ -206,10 +205,17 @@ def recipe_from_mergekit(config: dict, source: str = "mergekit config") -> Recip
     conditional = {key: _conditions(v, f"{source}: {key[0]}") for key, v in settings.items() if _is_condition_list(v)}
     models = {"base": base_path} if uses_base else {}
     models.update({e: p for e, (p, _) in zip(experts, inputs)})
+    if tokenizer is not None and tokenizer["source"] not in ("base", "union"):
+        by_path = {p: name for name, p in models.items()}
+        chosen = _model_path(tokenizer["source"], f"{source}: tokenizer.source")
+        if chosen not in by_path:
+            raise ConfigError(f"{source}: tokenizer.source {tokenizer['source']!r} is none of the merged models")
+        tokenizer["source"] = by_path[chosen]
     recipe = {
         "models": models,
         "base": "base" if uses_base else None,
         "dtype": config.get("out_dtype") or config.get("dtype"),
+        "tokenizer": tokenizer,
         "rules": [],
     }
     if not conditional:
@@ -217,7 +223,11 @@ def recipe_from_mergekit(config: dict, source: str = "mergekit config") -> Recip
     else:
         from mergetune.merge.modelset import ModelSet
 
-        names = ModelSet.from_dirs(models.get("base"), {e: p for e, p in models.items() if e != "base"}).tensor_names
+        from mergetune.merge.vocabulary import TokenizerSpec
+
+        experts = {e: p for e, p in models.items() if e != "base"}
+        spec_of_tokenizer = TokenizerSpec(**tokenizer) if tokenizer is not None else None
+        names = ModelSet.from_dirs(models.get("base"), experts, tokenizer=spec_of_tokenizer).tensor_names
         groups: dict[tuple, list[str]] = {}
         for name in names:
             signature = tuple(_choose(conds, name) for conds in conditional.values())
@@ -231,6 +241,21 @@ def recipe_from_mergekit(config: dict, source: str = "mergekit config") -> Recip
                     chosen[key] = conds[index][1]
             recipe["rules"].append(_rule(spec, chosen, names))
     return Recipe.from_dict({k: v for k, v in recipe.items() if v is not None}, source)
+
+
+def _tokenizer_setting(config: dict, source: str) -> dict | None:
+    """mergekit's `tokenizer_source: X` or `tokenizer: {source: X, pad_to_multiple_of: N}` as our `tokenizer:`
+    (its source still a path or base/union; per-token `tokens:` settings have no equivalent)."""
+    if "tokenizer_source" in config and "tokenizer" in config:
+        raise ConfigError(f"{source}: give tokenizer_source or tokenizer, not both (mergekit refuses both too)")
+    if config.get("tokenizer_source") is not None:
+        return {"source": config["tokenizer_source"]}
+    block = config.get("tokenizer")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or set(block) - {"source", "pad_to_multiple_of"}:
+        raise ConfigError(f"{source}: tokenizer: mergetune reads source and pad_to_multiple_of (not per-token `tokens:`)")
+    return {"source": block.get("source", "union"), **({"pad_to_multiple_of": block["pad_to_multiple_of"]} if block.get("pad_to_multiple_of") else {})}
 
 
 def _number(value: object) -> object:

@@ -19,8 +19,10 @@ from torch import Tensor
 
 from mergetune.core.errors import ModelSetError
 from mergetune.merge import moments as rank1
+from mergetune.merge.architecture import ModelStructure, structure_of
 from mergetune.merge.recipe import Recipe, layer_index
 from mergetune.merge.safetensors_io import TensorInfo, read_header
+from mergetune.merge.vocabulary import TokenizerSpec, Vocabulary, align_vocabularies, mismatch_message
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ STAT_FIXES = {
     "and add `gram: {{{expert}: G.safetensors}}`",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DEFAULT_TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}  # when the model class is unknown
+DEFAULT_TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}  # a directory without config.json
 EXTRA_NAMES_SHOWN = 5
 
 
@@ -55,6 +57,11 @@ def resolve_model_dir(spec: str | Path) -> Path:
     except Exception as exc:  # any hub/network failure is the same fix for the user
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelSetError(f"model {str(spec)!r} is neither a local directory nor a reachable hub repo ({reason})") from None
+
+
+def has_weights(path: Path) -> bool:
+    """Whether a model directory holds safetensors weights (one file, or shards with an index)."""
+    return (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
 
 
 @dataclass
@@ -99,20 +106,16 @@ class Checkpoint:
                 raise ModelSetError(f"{index} lists {missing!r} in {weight_map[missing]}, which lacks it; re-save the model")
         return cls(path, files, {name: info for _, _, name, info in sorted(ordered, key=lambda t: t[:2])})
 
-    def tied_weights(self) -> dict[str, str]:
-        """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings), from the
-        model class transformers names in config.json (`_tied_weights_keys`)."""
-        try:
-            config = json.loads((self.path / "config.json").read_text())
-        except (OSError, ValueError):
-            return dict(DEFAULT_TIED_WEIGHTS)
-        import transformers
+    def structure(self) -> ModelStructure:
+        """The model's layer structure for these tensor names (its module tree on the meta device)."""
+        return structure_of(self.path, list(self.infos))
 
-        for architecture in config.get("architectures") or []:
-            keys = getattr(getattr(transformers, architecture, None), "_tied_weights_keys", None)
-            if isinstance(keys, dict):
-                return dict(keys)
-        return dict(DEFAULT_TIED_WEIGHTS)
+    def tied_weights(self) -> dict[str, str]:
+        """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings) when the config ties
+        them, in checkpoint names (GPT-NeoX: `embed_out.weight`)."""
+        if not (self.path / "config.json").is_file():
+            return dict(DEFAULT_TIED_WEIGHTS)
+        return self.structure().tied
 
     def alias(self, name: str, source: str) -> None:
         """Read tensor `name` from `source` (a tied checkpoint stores its head as its embeddings)."""
@@ -197,11 +200,17 @@ class ModelSet:
     base: Checkpoint | None
     experts: dict[str, Checkpoint]
     stats: dict[str, dict[str, StatsFile]]  # kind → expert → file
+    vocabulary: Vocabulary | None = None  # set when the token-indexed tensors were aligned to a new vocabulary
 
     @property
     def reference(self) -> Checkpoint:
         """The model whose names, config and tokenizer the output takes (the base, else the first expert)."""
         return self.base if self.base is not None else next(iter(self.experts.values()))
+
+    @property
+    def template_dir(self) -> Path:
+        """Where the output's config, tokenizer and other non-weight files come from."""
+        return self.vocabulary.template_dir if self.vocabulary is not None else self.reference.path
 
     @property
     def tensor_names(self) -> list[str]:
@@ -221,6 +230,7 @@ class ModelSet:
         fisher: dict[str, Path | str] | None = None,
         gram: dict[str, Path | str] | None = None,
         strict: bool = False,
+        tokenizer: TokenizerSpec | None = None,
     ) -> ModelSet:
         """Open and cross-check the models and statistics; raises a one-line ModelSetError on the first problem.
 
@@ -228,7 +238,8 @@ class ModelSet:
         engine's choice); tensors outside the layers that only an expert has are dropped with a
         warning naming them, or refused with `strict` (extra layers are another architecture); a
         tied model (head stored as its input embeddings) merges with untied ones by reading its
-        head from its embeddings.
+        head from its embeddings. Models whose vocabularies differ merge by token with `tokenizer`
+        (vocabulary.py; `source` names base, union or an expert), and are refused without it.
         """
         if not experts:
             raise ModelSetError("no experts given; a merge needs at least one fine-tuned model")
@@ -239,6 +250,11 @@ class ModelSet:
         ]
         (ref_label, ref), others = labelled[0], labelled[1:]
         _align_tied(labelled)
+        vocabulary = None
+        if tokenizer is not None:
+            named = ([("base", base_ckpt)] if base_ckpt is not None else []) + list(expert_ckpts.items())
+            names = [n for n in ref.structure().vocabulary_names() if all(n in ckpt.infos for _, ckpt in named)]
+            vocabulary = align_vocabularies(named, named[0][0], tokenizer, names)
         for label, ckpt in others:
             extra = _compare(ref_label, ref, label, ckpt)
             layered = next((name for name in extra if layer_index(name) is not None), None)
@@ -262,7 +278,7 @@ class ModelSet:
                 if expert not in expert_ckpts:
                     raise ModelSetError(f"{kind}: {expert!r} is not an expert; experts: {', '.join(expert_ckpts)}")
                 stats[kind][expert] = _check_stats(StatsFile.open(path, kind), ref)
-        return cls(base_ckpt, expert_ckpts, stats)
+        return cls(base_ckpt, expert_ckpts, stats, vocabulary)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, strict: bool = False) -> ModelSet:
@@ -274,7 +290,12 @@ class ModelSet:
             if name not in moments and found.is_file():
                 moments[name] = found
         base = recipe.models[recipe.base] if recipe.base is not None else None
-        return cls.from_dirs(base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram, strict=strict)
+        tokenizer = recipe.tokenizer
+        if tokenizer is not None and tokenizer.source == recipe.base:
+            tokenizer = tokenizer.model_copy(update={"source": "base"})
+        return cls.from_dirs(
+            base, experts, moments=moments, fisher=recipe.fisher, gram=recipe.gram, strict=strict, tokenizer=tokenizer
+        )
 
 
 def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> list[str]:
@@ -285,6 +306,8 @@ def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> 
         if theirs is None:
             raise ModelSetError(f"tensor {name!r} is in {ref_label} but not in {label}; {where} differ in architecture")
         if theirs.shape != info.shape:
+            if theirs.shape[1:] == info.shape[1:] and _indexed_by_token(ref, name):
+                raise ModelSetError(mismatch_message(name, theirs.shape[0], ref_label, info.shape[0], label))
             raise ModelSetError(f"tensor {name!r} has shape {list(info.shape)} in {ref_label} but {list(theirs.shape)} in {label}")
         if theirs.dtype != info.dtype and not (theirs.dtype.is_floating_point and info.dtype.is_floating_point):
             raise ModelSetError(
@@ -292,6 +315,14 @@ def _compare(ref_label: str, ref: Checkpoint, label: str, other: Checkpoint) -> 
                 f"{str(theirs.dtype).removeprefix('torch.')} in {label}; save both in one dtype"
             )
     return [name for name in other.infos if name not in ref.infos]
+
+
+def _indexed_by_token(ckpt: Checkpoint, name: str) -> bool:
+    """Whether tensor `name` of the checkpoint has one row per token (input embeddings, a head)."""
+    try:
+        return name in ckpt.structure().vocabulary_names()
+    except ModelSetError:  # a model transformers cannot build: no structure to tell
+        return False
 
 
 def _align_tied(labelled: list[tuple[str, Checkpoint]]) -> None:

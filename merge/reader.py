@@ -15,6 +15,16 @@ from mergetune.merge.safetensors_io import read_tensor
 from mergetune.merge.thresholds import tensor_scores
 
 
+def read_stored(ckpt: Checkpoint, name: str) -> Tensor:
+    """One stored tensor of a checkpoint, in its own dtype, on the CPU (a fresh tensor the caller owns)."""
+    path = ckpt.files[name]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_tensor(fd, path, name, ckpt.infos[name])
+    finally:
+        os.close(fd)
+
+
 class ModelSetReader:
     """Reads weights and statistics with positional reads at the offsets the (validated) headers give.
 

@@ -16,6 +16,9 @@ different method. Recipes round-trip through YAML/JSON; unknown keys are rejecte
         params: {t: [0.2, 0.8]}   # a mergekit gradient: any numeric param, any weight
         weights: {math: [1.0, 0.5, 0.0], code: 1.0}
 
+Models whose vocabularies differ (added tokens) merge by token with `tokenizer: {source: base |
+union | MODEL}` (merge/vocabulary.py), as mergekit's `tokenizer:` option.
+
 A list for a numeric param or weight is a mergekit gradient: piecewise linear over the model's
 L layers, evaluated at x = ℓ/(L−1) for layer ℓ (x = 1 when L = 1) and at x = 0 for tensors
 outside the layers (embeddings, final norm, head), exactly as mergekit does (`gradient_value`).
@@ -37,6 +40,7 @@ from mergetune.core.config import load_yaml_model, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.merge.domains import rule_problem
 from mergetune.merge.methods import get_method
+from mergetune.merge.vocabulary import TokenizerSpec
 
 def _finite(value: float | list[float]) -> float | list[float]:
     if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
@@ -185,6 +189,9 @@ class Recipe(BaseModel):
     moments: dict[str, str] = Field(default_factory=dict, description="expert → Adam second-moment safetensors")
     fisher: dict[str, str] = Field(default_factory=dict, description="expert → diagonal Fisher safetensors")
     gram: dict[str, str] = Field(default_factory=dict, description="expert → RegMean Gram safetensors")
+    tokenizer: TokenizerSpec | None = Field(
+        default=None, description="merge models whose vocabularies differ by token: source base, union or a model's name"
+    )
 
     @property
     def experts(self) -> list[str]:
@@ -196,6 +203,8 @@ class Recipe(BaseModel):
         if self.base is not None and self.base not in self.models:
             raise ValueError(f"base {self.base!r} is not one of models ({', '.join(self.models)})")
         experts = self.experts
+        if self.tokenizer is not None and self.tokenizer.source not in ("base", "union", *self.models):
+            raise ValueError(f"tokenizer.source: {self.tokenizer.source!r} is not base, union or one of models ({', '.join(self.models)})")
         for kind in ("moments", "fisher", "gram"):
             unknown = next((name for name in getattr(self, kind) if name not in experts), None)
             if unknown is not None:

@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from mergetune.merge.live_names import NameMap
+
 
 class Sink(Protocol):
     """Receives each merged tensor once, by its name in the checkpoint; `close` ends the merge.
@@ -34,14 +36,18 @@ class Sink(Protocol):
 class LiveModelSink:
     """Copies merged tensors into an already-loaded model's parameters and buffers, in place.
 
-    No reallocation: the model's storage (and anything holding a view of it) stays valid,
-    so an evaluator can score the model right after the merge. The one exception: a merge that
-    writes both of two tied tensors (a tied base merged with untied experts) unties the second
-    once, as transformers does when it loads such a model from disk.
+    Tensors arrive under their checkpoint names and land where transformers loads them (its
+    renaming on load, e.g. GPT-NeoX `embed_out.weight` → `lm_head.weight`); a tensor transformers
+    drops on load (stale buffers) is dropped here too. No reallocation: the model's storage (and
+    anything holding a view of it) stays valid, so an evaluator can score the model right after
+    the merge. The one exception: a merge that writes both of two tied tensors (a tied base merged
+    with untied experts) unties the second once, as transformers does when it loads such a model.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
+        self._names = NameMap(model)
+        self._live: dict[str, str | None] = {}  # checkpoint name → live name (None: dropped), as met
         self._targets: dict[str, Tensor] = dict(model.state_dict(keep_vars=True))
         self._written: set[str] = set()
         storage: dict[int, list[str]] = {}
@@ -50,14 +56,19 @@ class LiveModelSink:
         self._tied = {name: [o for o in names if o != name] for names in storage.values() if len(names) > 1 for name in names}
 
     def write(self, name: str, tensor: Tensor) -> None:
-        target = self._targets.get(name)
+        if name not in self._live:
+            self._live[name] = None if self._names.dropped(name) else self._names.to_live(name)
+        live = self._live[name]
+        if live is None:
+            return
+        target = self._targets.get(live)
         if target is None:
-            raise KeyError(f"the live model has no tensor {name!r}")
-        if any(other in self._written for other in self._tied.get(name, ())):
-            target = self._untie(name, target)
+            raise KeyError(f"the live model has no tensor {name!r}" + (f" (nor {live!r}, its name once loaded)" if live != name else ""))
+        if any(other in self._written for other in self._tied.get(live, ())):
+            target = self._untie(live, target)
         with torch.no_grad():
             target.copy_(tensor)
-        self._written.add(name)
+        self._written.add(live)
 
     def _untie(self, name: str, target: Tensor) -> Tensor:
         owner, _, attr = name.rpartition(".")
@@ -67,10 +78,6 @@ class LiveModelSink:
             self._tied[other] = [o for o in self._tied.get(other, ()) if o != name]
         self._targets[name] = untied
         return untied
-
-    @property
-    def written(self) -> frozenset[str]:
-        return frozenset(self._written)
 
     def close(self) -> None:
         self._written.clear()
@@ -112,11 +119,13 @@ class SafetensorsSink:
         template_dir: str | os.PathLike | None = None,
         max_shard_bytes: int = 5 * 1024**3,
         model_card: str | None = None,
+        untie: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.layout = layout
         self.template_dir = Path(template_dir) if template_dir is not None else None
         self.model_card = model_card
+        self.untie = untie
         self._place: dict[str, tuple[int, int, int]] = {}  # name → (shard, byte offset in file, byte length)
         shards: list[list[str]] = [[]]
         size = 0
@@ -192,12 +201,17 @@ class SafetensorsSink:
                 shutil.copy2(src, self.out_dir / src.name)
         config = self.out_dir / "config.json"
         dtypes = {dtype for dtype, _ in self.layout.values() if dtype.is_floating_point}
-        if config.is_file() and len(dtypes) == 1:
-            (dtype,) = dtypes
+        if config.is_file() and (len(dtypes) == 1 or self.untie):
             data = json.loads(config.read_text())
-            for key in ("dtype", "torch_dtype"):
-                if key in data:
-                    data[key] = str(dtype).removeprefix("torch.")
+            if len(dtypes) == 1:
+                (dtype,) = dtypes
+                for key in ("dtype", "torch_dtype"):
+                    if key in data:
+                        data[key] = str(dtype).removeprefix("torch.")
+            if self.untie:  # a head of its own: every loader (vLLM's too) must read it, not the embeddings
+                for section in (data, data.get("text_config")):
+                    if isinstance(section, dict) and section.get("tie_word_embeddings"):
+                        section["tie_word_embeddings"] = False
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def _close_files(self) -> None:

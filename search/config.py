@@ -2,6 +2,7 @@
 
     study: demo
     zoo: zoo-demo                # or `models:` + `evaluator:` spelled out
+    tokenizer: {source: union}   # only for experts with added tokens (see merge/vocabulary.py)
     search: {layer_groups: 4, methods: [linear, task_arithmetic, ties, dare_ties, ota]}
     sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
     budget: {n_trials: 60}
@@ -24,6 +25,7 @@ from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind
 from mergetune.merge.domains import param_domain
+from mergetune.merge.vocabulary import TokenizerSpec
 from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
 from mergetune.studies.storage import STUDY_NAME_PATTERN, default_storage
 
@@ -211,6 +213,9 @@ class StudyConfig(_Strict):
     study: str = Field(pattern=STUDY_NAME_PATTERN, description="study name (also the default storage file name)")
     zoo: str | None = Field(default=None, description="a zoo directory: fills models, moments and a quick evaluator")
     models: ModelsConfig | None = None
+    tokenizer: TokenizerSpec | None = Field(
+        default=None, description="experts with more tokens than the base merge by token: source base, union or an expert"
+    )
     search: SearchConfig = Field(default_factory=SearchConfig)
     objectives: list[ObjectiveConfig] | None = Field(
         default=None, description="default: every objective the evaluator reports, maximized"
@@ -241,6 +246,10 @@ class StudyConfig(_Strict):
             raise ValueError("models: give `models:` (base + experts) or `zoo:`")
         if self.evaluator is None:
             raise ValueError("evaluator: give `evaluator:` or `zoo:`")
+        if self.tokenizer is not None and self.tokenizer.source not in ("base", "union", *self.models.experts):
+            raise ValueError(
+                f"tokenizer.source: {self.tokenizer.source!r} is not base, union or an expert ({', '.join(self.models.experts)})"
+            )
         if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
         if self.pruning.enabled and self.evaluator.kind != "quick":

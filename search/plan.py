@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from mergetune.core.errors import MergetuneError
+from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.merge.memory_plan import GiB, Engine, Machine, MemoryPlan, MethodUse, gib, plan_memory
 from mergetune.search.config import StudyConfig, parse_study_config
 
@@ -102,14 +102,21 @@ def _local_workers(config: StudyConfig, device: str) -> int:
 def plan_study(
     config: StudyConfig, gpu_memory_gib: float | None = None, host_memory_gib: float | None = None, workers_per_node: int | None = None
 ) -> MemoryPlan:
-    """The memory plan of `config` (headers only: no tensor is read)."""
+    """The memory plan of `config` (headers only: no tensor is read, unless vocabularies are aligned); a vLLM
+    engine that could not take the merges is refused first, in one line."""
+    from mergetune.evaluators.vllm import vllm_models_problem
     from mergetune.search.workers import load_modelset
 
     methods = study_methods(config)
+    modelset = load_modelset(config)
+    engine = study_engine(config)
+    problem = vllm_models_problem(modelset) if engine.kind == "vllm" else None
+    if problem is not None:
+        raise ConfigError(f"evaluator.backend: vllm: {problem}")
     return plan_memory(
-        load_modelset(config),
+        modelset,
         methods,
-        study_engine(config),
+        engine,
         study_machine(config, gpu_memory_gib, host_memory_gib, workers_per_node),
         placement=config.ray.resident,
     )

@@ -1,9 +1,11 @@
 """The search space: an Optuna trial → a per-layer-group merge Recipe (define-by-run).
 
 Layers are split into G groups of consecutive layers (optionally attention and MLP apart,
-plus one group for embeddings, final norm and head). Per group, `"{group}.method"` is a
-categorical choice; only the chosen method's parameters are suggested, so they are
-conditional on it. Parameter names are stable across trials so TPE/NSGA-II can learn:
+plus one group for embeddings, final norm and head). Which tensors are attention, MLP or
+outside the layers comes from the base model's own module tree (merge/architecture.py), so
+Gemma's extra norms and GPT-NeoX's fused attention land in their block's group. Per group,
+`"{group}.method"` is a categorical choice; only the chosen method's parameters are
+suggested, so they are conditional on it. Parameter names are stable across trials so TPE/NSGA-II can learn:
 
     g0.method                  categorical over the allowed methods
     g0.weight.<expert>         mixing weight (methods that weight experts); the M³ prior draws
@@ -15,25 +17,21 @@ conditional on it. Parameter names are stable across trials so TPE/NSGA-II can l
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 
-from mergetune.core.errors import ConfigError
+from mergetune.core.errors import ConfigError, MergetuneError
+from mergetune.merge.architecture import ModelStructure, structure_of
 from mergetune.merge.domains import UNWEIGHTED_METHODS, weight_domain
 from mergetune.merge.methods import get_method, method_names
-from mergetune.merge.recipe import Recipe, Rule
+from mergetune.merge.recipe import Recipe, Rule, layer_index
 from mergetune.search.config import StudyConfig
 from mergetune.search.params import SEARCHED_PARAMS, WEIGHT
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
 WEIGHT_PARAM = re.compile(r"^(?P<group>[^.]+)\.weight\.(?P<expert>.+)$")
-
-_ATTENTION = ["*.self_attn.*", "*.input_layernorm.*"]
-_MLP = ["*.mlp.*", "*.post_attention_layernorm.*"]
 
 
 def weight_param(group: str, expert: str) -> str:
@@ -49,59 +47,66 @@ class LayerGroup:
     match: tuple[str, ...]
 
 
-def num_layers(base: str | Path) -> int:
-    """Transformer layers of the base model, from its config.json (a hub id goes through transformers' cache)."""
-    path = Path(base) / "config.json"
-    if path.is_file():
-        config = json.loads(path.read_text())
-    elif Path(base).is_dir():
-        raise ConfigError(f"{path} not found; models.base must be a model directory with config.json")
-    else:
-        from transformers import AutoConfig
+def base_structure(base: str) -> ModelStructure:
+    """The layer structure of the base model, keyed by its checkpoint's tensor names (a directory without
+    weights yet: by the names transformers would save)."""
+    from mergetune.merge.modelset import Checkpoint, has_weights, resolve_model_dir
 
-        try:
-            config = AutoConfig.from_pretrained(str(base)).to_dict()
-        except OSError as exc:
-            raise ConfigError(f"models.base: cannot read the config of {base!r} ({exc})") from None
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in config:
-            return int(config[key])
-    raise ConfigError(f"{base}: its config has no num_hidden_layers; cannot split layers into groups")
+    try:
+        path = resolve_model_dir(base)
+        structure = Checkpoint.open(path).structure() if has_weights(path) else structure_of(path)
+    except MergetuneError as exc:
+        raise ConfigError(f"models.base: {exc}") from None
+    check_layer_names(structure)
+    return structure
 
 
-def layer_groups(n_layers: int, groups: int, split_attention_mlp: bool, separate_embeddings: bool) -> list[LayerGroup]:
+def check_layer_names(structure: ModelStructure) -> None:
+    """Recipes address layers by `layers.N.` in tensor names (`layer_index`); refuse a model whose layers are
+    named otherwise (GPT-2's `transformer.h.N`), whose tensors no layer group would ever match."""
+    odd = next((name for name, layer in structure.layer_of.items() if layer_index(name) != layer), None)
+    if odd is not None:
+        raise ConfigError(
+            f"models.base: {structure.architecture} names its decoder layers like {odd!r}; recipes address layers "
+            "as `layers.N.` only, so this architecture is not supported yet"
+        )
+
+
+def layer_groups(structure: ModelStructure, groups: int, split_attention_mlp: bool, separate_embeddings: bool) -> list[LayerGroup]:
+    """G groups of consecutive layers (each split into attention and MLP on request), then the rest (`emb`)."""
+    n_layers = structure.num_layers
     groups = min(groups, n_layers)
     bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
     out = []
     for i in range(groups):
         span = (bounds[i], bounds[i + 1])
         if split_attention_mlp:
-            out.append(LayerGroup(f"g{i}a", span, tuple(_ATTENTION)))
-            out.append(LayerGroup(f"g{i}m", span, tuple(_MLP)))
+            out.append(LayerGroup(f"g{i}a", span, structure.layer_patterns("attention")))
+            out.append(LayerGroup(f"g{i}m", span, structure.layer_patterns("mlp")))
         else:
-            out.append(LayerGroup(f"g{i}", span, ("*",)))
+            out.append(LayerGroup(f"g{i}", span, structure.decoder_patterns()))
     if separate_embeddings:
-        out.append(LayerGroup("emb", None, ("*",)))
+        out.append(LayerGroup("emb", None, ("*",)))  # embeddings, final norm, head and anything outside the layers
     return out
 
 
 class SearchSpace:
     """Builds a Recipe from an Optuna trial; also turns a named classic recipe into trial params."""
 
-    def __init__(self, config: StudyConfig, n_layers: int | None = None) -> None:
+    def __init__(self, config: StudyConfig, structure: ModelStructure | None = None) -> None:
         assert config.models is not None
         self.search = config.search
         self.models = {"base": config.models.base, **config.models.experts}
         self.experts = list(config.models.experts)
         self.seed = config.seed
+        self.tokenizer = config.tokenizer
         has_moments = set(config.models.moments) == set(self.experts)
         stats = {"moments": has_moments, "fisher": bool(config.models.fisher) or has_moments, "gram": bool(config.models.gram)}
         self.methods = self._allowed_methods(self.search.methods, stats)
         self._check_against_methods()
-        if n_layers is None:
-            n_layers = num_layers(config.models.base)
+        structure = structure if structure is not None else base_structure(config.models.base)
         self.groups = layer_groups(
-            n_layers, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
+            structure, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
         )
 
     def _allowed_methods(self, requested: list[str] | None, stats: dict[str, bool]) -> list[str]:
@@ -197,7 +202,7 @@ class SearchSpace:
         if not self.search.separate_embeddings:
             # Embeddings, final norm and head follow group 0's choice.
             rules.append(rules[0].model_copy(update={"match": ["*"], "layers": None}))
-        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number)
+        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number, tokenizer=self.tokenizer)
 
     # --- classic recipes as params (warm start) ---
     def uniform_params(self, method: str, overrides: dict[str, float]) -> dict[str, object]:

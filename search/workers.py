@@ -42,6 +42,7 @@ def load_modelset(config: StudyConfig):
         moments=paths(models.moments),
         fisher=paths(models.fisher),
         gram=paths(models.gram),
+        tokenizer=config.tokenizer,
     )
 
 
@@ -52,9 +53,16 @@ def worker_device(config: StudyConfig) -> str:
 
 
 def check_worker_device(config: StudyConfig) -> None:
-    """`ray.device: cuda` on a local Ray needs CUDA here; called by the driver before Ray starts
-    (a cluster's GPUs are on other nodes, so `ray.address` skips the check)."""
-    if config.ray.device is None or not config.ray.device.startswith("cuda") or config.ray.address:
+    """What the local workers need from this machine: CUDA for `ray.device: cuda`, a supported vLLM for
+    `backend: vllm`; called by the driver before Ray starts (a cluster's workers run on other nodes,
+    with their own installs, so `ray.address` skips the check)."""
+    if config.ray.address:
+        return
+    if getattr(config.evaluator, "backend", None) == "vllm":
+        from mergetune.evaluators.vllm import check_vllm_version, installed_vllm_version
+
+        check_vllm_version(installed_vllm_version())
+    if config.ray.device is None or not config.ray.device.startswith("cuda"):
         return
     import torch
 
@@ -94,12 +102,14 @@ class TrialWorker:
         device = worker_device(config)
         started = time.perf_counter()
         assert config.models is not None
-        # The engine starts first (vLLM checks that its share of the GPU is free); the inputs take what is left.
+        # Headers first (and the vocabulary alignment, which writes files only): the live model takes its shape.
+        # The engine starts next (vLLM checks that its share of the GPU is free); the inputs take what is left.
         # The evaluator decides the backend: lm_eval with `backend: vllm` gets a vLLM engine, else transformers.
-        self.backend = load_backend(config.evaluator, config.models.base, device)
+        modelset = load_modelset(config)
+        self.backend = load_backend(config.evaluator, config.models.base, device, modelset.vocabulary)
         check_device_room(config, device)
         self.resident = ResidentModelSet.load(
-            load_modelset(config), device=device, placement=resident_placement(config), orders=study_orders(config), cache=cache_root()
+            modelset, device=device, placement=resident_placement(config), orders=study_orders(config), cache=cache_root()
         )
         self.evaluator = build_evaluator(config.evaluator)
         self.versions = package_versions()

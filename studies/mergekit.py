@@ -12,7 +12,8 @@ intermediate merge over the whole model, and a final stitch picks every tensor f
 intermediate its rule names: a `passthrough` over layer slices when methods change only between
 whole layers, else a `linear` merge with 0/1 weights per tensor (exact in float32).
 Every config computes in float32 (`dtype: float32`, as we do) and writes our output dtype
-(`out_dtype`). Parameters map by name; what mergekit cannot express (our `rescale: inverse_keep`,
+(`out_dtype`); a recipe's `tokenizer:` is mergekit's own option (in each intermediate of a
+multi-merge, whose stitch then sees one vocabulary). Parameters map by name; what mergekit cannot express (our `rescale: inverse_keep`,
 `scope: global`, methods it lacks, a subset of the experts) is refused in one line.
 """
 
@@ -199,9 +200,23 @@ def _single_method_config(
     config["models"] = models
     if parameters:
         config["parameters"] = parameters
+    if recipe.tokenizer is not None:
+        config["tokenizer"] = _tokenizer(recipe)
     config["dtype"] = "float32"
     config["out_dtype"] = layout.out_dtype
     return config
+
+
+def _tokenizer(recipe: Recipe) -> dict:
+    """Our `tokenizer:` as mergekit's (the same option and semantics; a model source by its path)."""
+    assert recipe.tokenizer is not None
+    source = recipe.tokenizer.source
+    if source not in ("base", "union"):
+        source = "base" if source == recipe.base else _model_path(recipe, source)
+    block: dict = {"source": source}
+    if recipe.tokenizer.pad_to_multiple_of is not None:
+        block["pad_to_multiple_of"] = recipe.tokenizer.pad_to_multiple_of
+    return block
 
 
 def _stitch(recipe: Recipe, methods: list[str], rules_by_tensor: dict[str, Rule], layout: ModelLayout) -> dict:

@@ -24,8 +24,9 @@ def score_recipes_on_split(
     if isinstance(config, dict):
         config = parse_study_config(config, "study config")
     assert config.models is not None and config.evaluator is not None
-    backend = load_backend(config.evaluator, config.models.base, device)  # the engine first; the inputs take what is left
-    resident = ResidentModelSet.load(load_modelset(config), device=device, placement=resident_placement(config))
+    modelset = load_modelset(config)
+    backend = load_backend(config.evaluator, config.models.base, device, modelset.vocabulary)  # the engine before the inputs
+    resident = ResidentModelSet.load(modelset, device=device, placement=resident_placement(config))
     evaluator = build_evaluator(config.evaluator)
     results = []
     with Progress(transient=True) as progress:

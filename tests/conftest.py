@@ -8,6 +8,10 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Aligned vocabularies (merge/vocabulary.py) are cached here, not in the user's ~/.cache; Ray workers inherit it.
+if "MERGETUNE_CACHE" not in os.environ:
+    os.environ["MERGETUNE_CACHE"] = tempfile.mkdtemp(prefix="mergetune-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MERGETUNE_CACHE"], True)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Workers' order statistics (merge/summary_files.py) go to a cache of this test session, not the user's.

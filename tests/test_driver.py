@@ -97,7 +97,7 @@ class FlakyWorker(FakeWorker):
 def study_config(tmp_path, name, n_trials, workers=2, **extra):
     base = tmp_path / "base"
     base.mkdir(exist_ok=True)
-    (base / "config.json").write_text('{"num_hidden_layers": 4}')
+    (base / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
     data = {
         "study": name,
         "models": {"base": str(base), "experts": {"a": "/nowhere/a", "b": "/nowhere/b"}},

@@ -49,6 +49,13 @@ def test_trial_recipes_cover_five_methods_and_fit_a_model_set(gpu_check, tmp_pat
         schedule = tensor_schedule(modelset, Recipe.from_dict(recipe))  # raises if a method lacks its statistics
         assert {plan.spec.name for _, plan in schedule} == {method}
     assert recipes != gpu_check.trial_recipes(models, seed=1)
+    # The memory the check predicts for its own process: every input on the GPU, the bucket, the HF model, a workspace.
+    stored = sum(info.numel * info.dtype.itemsize for ckpt in (modelset.base, *modelset.experts.values()) for info in ckpt.infos.values())
+    moments = sum(stats.nbytes() for stats in modelset.stats["moments"].values())
+    planned = gpu_check.planned_peak_bytes(modelset, gpu_check.METHODS, "float32", 2**24, 80 * 2**30)
+    base_bytes = sum(info.numel * 4 for info in modelset.base.infos.values())
+    largest = max(info.numel for info in modelset.base.infos.values()) * 4
+    assert stored + moments + 2**24 + base_bytes + 2 * largest < planned < stored + moments + 2**24 + 2 * 2**30
 
 
 def test_cache_prompts_fill_two_kv_blocks_and_leave_room_to_answer(gpu_check):
@@ -80,13 +87,13 @@ def test_report_prints_push_rate_memory_and_verdict(gpu_check):
             {"method": "ties", "merge_s": 0.7, "push": push, "vllm": {"sort": 0.25}, "hf": {"sort": 0.25}},
         ],
         "transport": "cuda_ipc",
-        "memory": {"planned_bytes": gpu_check.planned_peak_bytes(None, "cuda", 2**24), "max_allocated_bytes": 3 * 2**30, "hf_model_bytes": 2**30},
+        "memory": {"planned_bytes": 2 * 2**30, "max_allocated_bytes": 3 * 2**30, "hf_model_bytes": 2**30},
         "dare_masks_match": True,
         "mismatches": [],
     }
     lines = gpu_check.summary_lines(results)
     assert "push: 0.50 s/GiB over 1.000 GiB (cuda_ipc)" in lines
-    assert any(line.startswith("memory: plan: n/a, torch.cuda.max_memory_allocated 3.00 GiB") for line in lines)
+    assert any(line.startswith("memory: plan 2.00 GiB, torch.cuda.max_memory_allocated 3.00 GiB") for line in lines)
     assert lines[-1] == "gpu check: OK"
     results["mismatches"] = ["ties: stale KV: 3 prompts answered from the old weights"]
     lines = gpu_check.summary_lines(results)

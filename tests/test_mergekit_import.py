@@ -97,12 +97,13 @@ def test_mergekit_filters_become_rules_over_the_tensors_they_pick(zoo):
     ("change", "message"),
     [
         ({"slices": [{"sources": []}]}, r"does not support mergekit's slices"),
-        ({"tokenizer": {"source": "union"}, "chat_template": "chatml"}, r"does not support mergekit's tokenizer, chat_template"),
+        ({"tokenizer": {"source": "union"}, "chat_template": "chatml"}, r"does not support mergekit's chat_template"),
         ({"merge_method": "frankenmerge"}, r"merge_method 'frankenmerge' is not a mergekit method"),
         ({"parameters": {"density": 0.5, "quantum": 1}}, r"parameter 'quantum' of ties has no mergetune equivalent"),
         ({"models": [{"model": "org/model+org/lora"}]}, r"LoRA references"),
         ({"base_model": None}, r"ties needs base_model"),
-        ({"tokenizer_source": "union"}, r"tokenizer_source 'union' is not supported"),
+        ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "base"}}}}, r"tokenizer: mergetune reads source and pad"),
+        ({"tokenizer_source": "/elsewhere/model"}, r"tokenizer.source '/elsewhere/model' is none of the merged models"),
     ],
 )
 def test_unsupported_mergekit_keys_are_one_line(zoo, change, message):
@@ -110,6 +111,15 @@ def test_unsupported_mergekit_keys_are_one_line(zoo, change, message):
     with pytest.raises(ConfigError, match=message) as info:
         recipe_from_mergekit({**config, **change})
     assert "\n" not in str(info.value)
+
+
+def test_mergekits_tokenizer_options_become_our_tokenizer_option(zoo):
+    config = {"merge_method": "ties", "base_model": zoo["base"], "models": [{"model": zoo["math"], "parameters": {"weight": 1.0}}]}
+    assert recipe_from_mergekit(config).tokenizer is None
+    assert recipe_from_mergekit({**config, "tokenizer_source": "union"}).tokenizer.source == "union"
+    block = recipe_from_mergekit({**config, "tokenizer": {"source": zoo["math"], "pad_to_multiple_of": 8}}).tokenizer
+    assert (block.source, block.pad_to_multiple_of) == ("math", 8)
+    assert recipe_from_mergekit({**config, "tokenizer": {}}).tokenizer.source == "union"  # mergekit's default
 
 
 def test_required_mergekit_params_stay_required(zoo):

@@ -23,7 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def study_data(tmp_path, name="p", **extra) -> dict:
     base = tmp_path / "base"
     base.mkdir(exist_ok=True)
-    (base / "config.json").write_text('{"num_hidden_layers": 4}')
+    (base / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 4}')
     return {
         "study": name,
         "models": {"base": str(base), "experts": {"a": "/nowhere/a", "b": "/nowhere/b"}},

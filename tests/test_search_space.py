@@ -3,6 +3,8 @@
 import optuna
 import pytest
 
+from architectures import tiny_structure
+
 from mergetune.core.errors import ConfigError
 from mergetune.search.config import parse_study_config
 from mergetune.search.space import SearchSpace, layer_groups
@@ -24,7 +26,7 @@ def config(**search):
 
 
 def test_a_groups_method_params_exist_only_when_it_chose_that_method():
-    space = SearchSpace(config(), n_layers=4)
+    space = SearchSpace(config(), structure=tiny_structure(num_layers=4))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(40):
@@ -47,24 +49,24 @@ def test_a_groups_method_params_exist_only_when_it_chose_that_method():
 
 
 def test_groups_cover_every_layer_once_and_split_attention_from_mlp():
-    groups = layer_groups(5, 2, split_attention_mlp=True, separate_embeddings=True)
+    groups = layer_groups(tiny_structure(num_layers=5), 2, split_attention_mlp=True, separate_embeddings=True)
     assert [g.name for g in groups] == ["g0a", "g0m", "g1a", "g1m", "emb"]
     spans = sorted({g.layers for g in groups if g.layers})
     assert spans[0][0] == 0 and spans[-1][1] == 5 and spans[0][1] == spans[1][0]
-    assert layer_groups(2, 8, False, False)[-1].layers == (1, 2)  # G capped at the layer count
+    assert layer_groups(tiny_structure(num_layers=2), 8, False, False)[-1].layers == (1, 2)  # G capped at the layer count
 
 
 def test_recipe_rules_route_tensors_to_their_group():
-    space = SearchSpace(config(split_attention_mlp=True), n_layers=4)
+    space = SearchSpace(config(split_attention_mlp=True), structure=tiny_structure(num_layers=4))
     recipe = space.recipe(optuna.trial.FixedTrial(baseline_params(space)[3][1]))
     assert recipe.rule_for("model.layers.3.mlp.up_proj.weight").layers == (2, 4)
-    assert recipe.rule_for("model.layers.0.self_attn.q_proj.weight").match == ["*.self_attn.*", "*.input_layernorm.*"]
+    assert recipe.rule_for("model.layers.0.self_attn.q_proj.weight").match == ["model.layers.*.self_attn.*", "model.layers.*.input_layernorm.*"]
     assert recipe.rule_for("model.embed_tokens.weight").layers is None
     assert recipe.base == "base" and recipe.experts == ["math", "code", "facts"]
 
 
 def test_shared_params_have_one_value_across_groups():
-    space = SearchSpace(config(shared=["lambda"]), n_layers=4)
+    space = SearchSpace(config(shared=["lambda"]), structure=tiny_structure(num_layers=4))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(20):
         trial = study.ask()
@@ -75,7 +77,7 @@ def test_shared_params_have_one_value_across_groups():
 
 
 def test_warm_start_trials_come_first_and_map_through_the_space():
-    space = SearchSpace(config(), n_layers=4)
+    space = SearchSpace(config(), structure=tiny_structure(num_layers=4))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     retry = StorageRetry(window_s=0)
     names = [name for name, params in baseline_params(space) if enqueue_once(study, retry, params, {"baseline": name})]
@@ -97,18 +99,18 @@ def test_warm_start_trials_come_first_and_map_through_the_space():
 
 def test_methods_that_need_statistics_are_refused_without_them():
     with pytest.raises(ConfigError, match="ota.*moments"):
-        SearchSpace(config(methods=["ota"]), n_layers=4)
+        SearchSpace(config(methods=["ota"]), structure=tiny_structure(num_layers=4))
     with pytest.raises(ConfigError, match="unknown merge method"):
-        SearchSpace(config(methods=["tie"]), n_layers=4)
+        SearchSpace(config(methods=["tie"]), structure=tiny_structure(num_layers=4))
     with pytest.raises(ConfigError, match="slerp"):
-        SearchSpace(config(methods=["slerp"]), n_layers=4)  # three experts
+        SearchSpace(config(methods=["slerp"]), structure=tiny_structure(num_layers=4))  # three experts
 
 
 def test_ota_searches_its_curvature_power_and_its_baseline_keeps_the_default():
     moments = {e: f"/{e}.safetensors" for e in ("math", "code", "facts")}
     data = config(methods=["ota"]).model_dump(mode="json")
     data["models"]["moments"] = moments
-    space = SearchSpace(parse_study_config(data, "test"), n_layers=4)
+    space = SearchSpace(parse_study_config(data, "test"), structure=tiny_structure(num_layers=4))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     powers = []
     for _ in range(20):
@@ -134,7 +136,7 @@ def test_mergekits_newer_methods_are_searchable_with_their_own_ranges():
         },
         "test",
     )  # fmt: skip
-    space = SearchSpace(cfg, n_layers=2)
+    space = SearchSpace(cfg, structure=tiny_structure(num_layers=2))
     assert {m: space.searched_params(m) for m in methods} == {
         "nuslerp": [], "multislerp": [], "karcher": [], "sce": ["select_topk"], "ram": [],
         "ramplus_tl": ["r", "alpha"], "nearswap": ["t"], "arcee_fusion": [],
@@ -154,7 +156,7 @@ def test_mergekits_newer_methods_are_searchable_with_their_own_ranges():
 
 
 def test_the_space_names_every_distribution_a_trial_can_suggest():
-    space = SearchSpace(config(shared=["lambda"]), n_layers=4)
+    space = SearchSpace(config(shared=["lambda"]), structure=tiny_structure(num_layers=4))
     described = space.distributions()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     seen = {}
@@ -167,11 +169,11 @@ def test_the_space_names_every_distribution_a_trial_can_suggest():
 
 
 def test_a_space_change_names_the_first_parameter_that_changed():
-    narrow = SearchSpace(config(methods=["linear", "ties"]), n_layers=4).distributions()
-    wide = SearchSpace(config(methods=["linear", "ties", "task_arithmetic"]), n_layers=4).distributions()
+    narrow = SearchSpace(config(methods=["linear", "ties"]), structure=tiny_structure(num_layers=4)).distributions()
+    wide = SearchSpace(config(methods=["linear", "ties", "task_arithmetic"]), structure=tiny_structure(num_layers=4)).distributions()
     assert space_change(wide, wide) is None
     assert space_change(narrow, wide) == "emb.method was one of linear, ties, now one of linear, ties, task_arithmetic"
-    ranged = SearchSpace(config(methods=["linear", "ties"], ranges={"lambda": [0.5, 1.0]}), n_layers=4).distributions()
+    ranged = SearchSpace(config(methods=["linear", "ties"], ranges={"lambda": [0.5, 1.0]}), structure=tiny_structure(num_layers=4)).distributions()
     assert space_change(narrow, ranged) == "emb.ties.lambda was in [0.2, 1.5], now in [0.5, 1]"
     assert space_change(wide, narrow).endswith("now one of linear, ties")
     fewer = {k: v for k, v in narrow.items() if not k.startswith("g1.")}

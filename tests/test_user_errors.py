@@ -17,6 +17,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from test_studies_fixtures import EXPERTS, build_tiny_models, make_study
 
+from architectures import tiny_structure
+
 from mergetune.cli.main import main
 from mergetune.core.errors import ConfigError
 from mergetune.search.config import parse_study_config
@@ -141,6 +143,17 @@ def test_cuda_without_cuda_is_one_line_at_the_driver(monkeypatch, no_ray):
     check_worker_device(parse_study_config(_with(ray__device="cuda", ray__address="auto"), "study.yaml"))
 
 
+def test_a_vllm_study_without_a_supported_vllm_is_one_line_at_the_driver(monkeypatch, no_ray):
+    import mergetune.evaluators.vllm as vllm_backend
+    from mergetune.search.driver import run_study
+
+    vllm_study = _with(evaluator={"kind": "lm_eval", "backend": "vllm", "tasks": ["t"]})
+    for installed, message in ((None, r"vllm needs vLLM, which is not installed"), ("0.9.2", r"vllm supports vLLM >=0\.16,<0\.34, but vLLM 0\.9\.2 is installed")):
+        monkeypatch.setattr(vllm_backend, "installed_vllm_version", lambda installed=installed: installed)
+        with pytest.raises(ConfigError, match=rf"^evaluator\.backend: {message}"):
+            run_study(parse_study_config(vllm_study, "study.yaml"))
+
+
 def test_a_per_expert_param_that_no_method_takes_per_expert_is_refused(tmp_path):
     from mergetune.search.space import SearchSpace
 
@@ -150,7 +163,7 @@ def test_a_per_expert_param_that_no_method_takes_per_expert_is_refused(tmp_path)
     data = _with(search__methods=["ota"], search__ranges={"weight": [-1.0, 1.0]})
     data["models"]["moments"] = moments
     with pytest.raises(ConfigError, match=r"search\.ranges\.weight: \[-1, 1\] must lie in \[0, inf\) for 'ota'"):
-        SearchSpace(parse_study_config(data, "study.yaml"), n_layers=2)
+        SearchSpace(parse_study_config(data, "study.yaml"), structure=tiny_structure(num_layers=2))
 
 
 def test_warm_start_baselines_are_the_classics_or_skipped_never_clipped_towards_the_base(caplog):
@@ -158,13 +171,13 @@ def test_warm_start_baselines_are_the_classics_or_skipped_never_clipped_towards_
     from mergetune.search.warmstart import baseline_params
 
     methods = ["linear", "task_arithmetic", "ties", "dare_ties"]
-    space = SearchSpace(parse_study_config(_with(search__methods=methods, search__ranges={"density": [0.01, 0.02]}), "t"), n_layers=2)
+    space = SearchSpace(parse_study_config(_with(search__methods=methods, search__ranges={"density": [0.01, 0.02]}), "t"), structure=tiny_structure(num_layers=2))
     with caplog.at_level("WARNING"):
         names = [name for name, _ in baseline_params(space)]
     # ties/dare_ties at density 0.02 would be the base model plus 2% of the experts, labelled "ties".
     assert names == ["uniform_average", "task_arithmetic", "task_arithmetic_tuned"]
     assert "baseline ties skipped: density 0.5 lies outside search.ranges.density [0.01, 0.02]" in caplog.text
-    space = SearchSpace(parse_study_config(_with(search__methods=methods), "t"), n_layers=2)
+    space = SearchSpace(parse_study_config(_with(search__methods=methods), "t"), structure=tiny_structure(num_layers=2))
     baselines = dict(baseline_params(space))
     recipe = space.recipe(optuna.trial.FixedTrial(baselines["dare_ties"]))
     assert all(rule.params == {"density": {"x": 0.5, "y": 0.5}, "lambda": 1.0} for rule in recipe.rules)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,10 +18,11 @@ from rich.table import Table
 from safetensors.torch import save as safetensors_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mergetune.core.errors import MergetuneError
 from mergetune.core.fs import atomic_output_dir, check_output_dir, safetensors_disk_errors
 from mergetune.evaluators.generation import exact_match, greedy_generate
 from mergetune.zoo.presets import Preset, Schedule, get_preset
-from mergetune.zoo.tasks import SPLITS, TASKS, task_splits
+from mergetune.zoo.tasks import SHORTEST_WORD, SPLITS, TASKS, pretraining_records, task_splits
 from mergetune.zoo.tokenizer import build_char_tokenizer
 from mergetune.zoo.train import encode_examples, optimizer_metadata, second_moments, train
 
@@ -31,6 +33,10 @@ MOMENTS_FILE = "adam_second_moments.safetensors"
 MIN_EXPERT_GAIN = 0.15
 MIN_AVERAGE_DROP = 0.10
 MIN_TASKS_WITH_DROP = 2
+
+
+class WeakZooError(MergetuneError):
+    """A preset that requires the demo acceptance built a zoo that misses it (and --allow-weak was not given)."""
 
 
 def model_config(preset: Preset, vocab_size: int, tokenizer) -> LlamaConfig:
@@ -89,6 +95,23 @@ def average_state_dict(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]
     return {name: sum(s[name] for s in states) / len(states) for name in states[0]}
 
 
+def pretraining_mix(preset: Preset, splits: dict[str, dict], seed: int) -> list[dict[str, str]]:
+    """The base's corpus: per task, as many items as its train split, on short words only, none held out."""
+    count = dict(preset.split_sizes)["train"]
+    records = []
+    for task in preset.tasks:
+        held_out = {r["prompt"] for split in ("search", "test") for r in splits[task][split]}
+        records += pretraining_records(TASKS[task], count, seed, held_out)
+    return records
+
+
+def sft_mix(preset: Preset, splits: dict[str, dict], pretraining: list[dict[str, str]], task: str, seed: int) -> list[dict[str, str]]:
+    """An expert's SFT items: its task's train split plus a seeded replay of the pretraining mix (`sft_replay` of the total)."""
+    own = splits[task]["train"]
+    replayed = round(len(own) * preset.sft_replay / (1 - preset.sft_replay))
+    return own + random.Random(f"replay:{task}:{seed}").sample(pretraining, min(replayed, len(pretraining)))
+
+
 def accuracy_on_test(model, tokenizer, splits: dict[str, dict], preset: Preset) -> dict[str, float]:
     """Exact match of greedy answers on each task's test split."""
     accuracy = {}
@@ -100,7 +123,7 @@ def accuracy_on_test(model, tokenizer, splits: dict[str, dict], preset: Preset) 
 
 
 def acceptance(base: dict[str, float], experts: dict[str, dict[str, float]], average: dict[str, float]) -> dict:
-    """Issue 2's demo figures: each expert's gain over the base on its task; the average's drop below the expert."""
+    """The demo figures (issues 2, 19): each expert's gain over the base on its task; the average's drop below the expert."""
     gains = {task: experts[task][task] - base[task] for task in experts}
     drops = {task: experts[task][task] - average[task] for task in experts}
     experts_gain = all(g >= MIN_EXPERT_GAIN - 1e-9 for g in gains.values())
@@ -115,8 +138,24 @@ def acceptance(base: dict[str, float], experts: dict[str, dict[str, float]], ave
     }
 
 
-def accuracy_table(accuracy: dict, tasks: tuple[str, ...]) -> Table:
-    verdict = "passed" if accuracy["acceptance"]["passed"] else "not met"
+def acceptance_shortfall(figures: dict) -> str:
+    """What the zoo misses of the acceptance, in words ("" when it passed)."""
+    misses = [
+        f"expert {task} gains {100 * gain:+.1f} points on its task (needs ≥ {100 * figures['min_expert_gain']:.0f})"
+        for task, gain in figures["expert_gain"].items()
+        if gain < figures["min_expert_gain"] - 1e-9
+    ]
+    dropped = sum(d >= figures["min_average_drop"] - 1e-9 for d in figures["average_drop"].values())
+    if dropped < figures["min_tasks_with_drop"]:
+        misses.append(
+            f"the uniform average is ≥ {100 * figures['min_average_drop']:.0f} points below the expert on {dropped} "
+            f"task(s) (needs {figures['min_tasks_with_drop']})"
+        )
+    return "; ".join(misses)
+
+
+def accuracy_table(accuracy: dict, tasks: tuple[str, ...], required: bool) -> Table:
+    verdict = "passed" if accuracy["acceptance"]["passed"] else ("not met" if required else "not met (not required)")
     table = Table(title=f"exact match (%) on the test splits; demo acceptance (gain ≥ 15, average drop ≥ 10 on ≥ 2 tasks): {verdict}")
     table.add_column("model")
     for task in tasks:
@@ -154,9 +193,19 @@ def _train_with_progress(progress: Progress, label: str, model, examples, schedu
     return train(model, examples, schedule, on_step=on_step, **kwargs)
 
 
-def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: bool = False, console: Console | None = None) -> dict:
+def build_zoo(
+    out: str | Path,
+    preset_name: str = "demo",
+    seed: int = 0,
+    force: bool = False,
+    console: Console | None = None,
+    allow_weak: bool = False,
+) -> dict:
     """Build a zoo into `out` (atomically) and return its manifest (also written to `out/zoo.json`).
 
+    The base is pretrained on every task's short words; each expert is fine-tuned on its task's
+    train split (all word lengths) with a replay of that mix. A preset that requires the
+    acceptance raises WeakZooError when the zoo misses it, and writes nothing, unless `allow_weak`.
     The same preset and seed give the same checkpoint bytes on the same machine and thread count.
     """
     preset = get_preset(preset_name)
@@ -192,7 +241,8 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             base = LlamaForCausalLM(config)
-        pretrain_examples = [e for task in preset.tasks for e in encode_examples(tokenizer, splits[task]["train"])]
+        pretraining = pretraining_mix(preset, splits, seed)
+        pretrain_examples = encode_examples(tokenizer, pretraining)
         losses: dict[str, float] = {}
         moment_meta: dict[str, dict[str, str]] = {}
         experts: dict[str, LlamaForCausalLM] = {}
@@ -208,8 +258,9 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
             for index, task in enumerate(preset.tasks):
                 t0 = time.perf_counter()
                 expert = copy.deepcopy(base)
+                sft_examples = encode_examples(tokenizer, sft_mix(preset, splits, pretraining, task, seed))
                 optimizer, losses[task] = _train_with_progress(
-                    progress, f"sft {task}", expert, encode_examples(tokenizer, splits[task]["train"]), preset.sft,
+                    progress, f"sft {task}", expert, sft_examples, preset.sft,
                     pad_id=tokenizer.pad_token_id, answer_only=True, seed=seed * 1000 + index + 1,
                 )
                 expert_dir = tmp / "experts" / task
@@ -231,7 +282,14 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
             "uniform_average": accuracy_on_test(average, tokenizer, splits, preset),
         }
         accuracy["acceptance"] = acceptance(accuracy["base"], accuracy["experts"], accuracy["uniform_average"])
+        accuracy["acceptance"]["required"] = preset.requires_acceptance
         timings["evaluation_seconds"] = time.perf_counter() - t0
+        if preset.requires_acceptance and not accuracy["acceptance"]["passed"] and not allow_weak:
+            console.print(accuracy_table(accuracy, preset.tasks, required=True))
+            raise WeakZooError(
+                f"zoo {preset.name} (seed {seed}) misses its acceptance: {acceptance_shortfall(accuracy['acceptance'])}; "
+                "nothing was written — try another --seed, or pass --allow-weak to keep it"
+            )
         timings["cpu_seconds"] = time.process_time() - cpu_start
 
         manifest = {
@@ -251,6 +309,9 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
             },
             "training": {
                 "split_sizes": sizes,
+                "pretrain_word_lengths": {t: [SHORTEST_WORD, TASKS[t].pretrain_max_letters] for t in preset.tasks},
+                "word_lengths": {t: list(TASKS[t].lengths) for t in preset.tasks},
+                "sft_replay": preset.sft_replay,
                 "pretrain": asdict(preset.pretrain),
                 "sft": asdict(preset.sft),
                 "final_loss": losses,
@@ -262,7 +323,7 @@ def build_zoo(out: str | Path, preset_name: str = "demo", seed: int = 0, force: 
             "build_seconds": time.perf_counter() - wall_start,
         }
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    console.print(accuracy_table(accuracy, preset.tasks))
+    console.print(accuracy_table(accuracy, preset.tasks, preset.requires_acceptance))
     console.print(
         f"zoo {preset.name} (seed {seed}) built in {manifest['build_seconds']:.0f} s wall, "
         f"{timings['cpu_seconds']:.0f} s CPU, {torch.get_num_threads()} threads → {out}",

@@ -14,6 +14,9 @@ def build(
     seed: int = typer.Option(0, "--seed", help="seed of the data, the initialisation and the batch order"),
     force: bool = typer.Option(False, "--force", help="replace an existing non-empty OUT"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's choice)"),
+    allow_weak: bool = typer.Option(
+        False, "--allow-weak", help="keep a zoo that misses the demo acceptance (the build fails on it otherwise)"
+    ),
 ) -> None:
     """Train a base model and one SFT expert per task on CPU; write models, task data, lm-eval tasks, zoo.json."""
     from mergetune.core.fs import check_output_dir
@@ -31,7 +34,7 @@ def build(
     transformers.utils.logging.disable_progress_bar()  # rich shows the progress
     if threads is not None:
         torch.set_num_threads(threads)
-    build_zoo(out, preset, seed=seed, force=force)
+    build_zoo(out, preset, seed=seed, force=force, allow_weak=allow_weak)
 
 
 def register(app: typer.Typer) -> None:

@@ -43,6 +43,11 @@ class Preset:
     split_sizes: tuple[tuple[str, int], ...]
     pretrain: Schedule
     sft: Schedule
+    # Share of each expert's SFT items replayed from the base's pretraining mix, so that an
+    # expert keeps (most of) the other tasks, as a fine-tune on mixed data does.
+    sft_replay: float = 0.5
+    # The build fails unless the zoo meets the demo acceptance (zoo/build.py `acceptance`).
+    requires_acceptance: bool = False
     max_position_embeddings: int = 64
 
 
@@ -67,8 +72,9 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             num_layers=4,
             num_heads=4,
             split_sizes=(("train", 5000), ("search", 600), ("test", 200)),
-            pretrain=Schedule(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
-            sft=Schedule(steps=300, batch_size=32, lr=3e-4),
+            pretrain=Schedule(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100, final_lr_ratio=0.1, weight_decay=0.01),
+            sft=Schedule(steps=600, batch_size=32, lr=5e-4),
+            requires_acceptance=True,
         ),
     }
 )
