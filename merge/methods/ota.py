@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
