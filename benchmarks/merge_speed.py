@@ -5,12 +5,17 @@ in a temp dir, then measures in one run:
   (a) disk to disk, each merge in a fresh subprocess (wall time of the merge call, peak RSS from
       VmHWM): mergetune `merge_recipe_to_dir` vs mergekit 0.1.5 `run_merge`, for
       task_arithmetic and ties (density 0.5) — ties once the method library registers it;
-  (b) the resident re-merge into a live model (`resident.ResidentModelSet.merge_into`, the per-trial cost);
+  (b) the resident re-merge into a live model (`resident.ResidentModelSet.merge_into`, the per-trial cost)
+      of every method of the default search space (linear, task_arithmetic, ties, dare_ties,
+      breadcrumbs_ties, della, ota with density < 1; rank-1 second moments for OTA), after the
+      worker's load-time order statistics (`summaries.ModelSummaries.precompute`: its time and
+      bytes per parameter and expert are reported); with --large, on the larger model of
+      `benchmarks/scale.py` too (its order statistics for one method at a time);
   (c) the floor: bytes that must be read (base + experts) and written (the merge) ÷ the memory
       bandwidth of a large torch copy.
 Both tools compute in float32 and write bfloat16, with the same thread count.
 
-    .venv/bin/python benchmarks/merge_speed.py [--threads 1] [--repeats 2]
+    .venv/bin/python benchmarks/merge_speed.py [--threads 1] [--repeats 2] [--large]
 
 Prints a rich table and writes benchmarks/results/merge_speed.json.
 """
@@ -65,8 +70,19 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int, seed: int) ->
     return sum(v.numel() for v in state.values())
 
 
+RESIDENT_METHODS = {  # the default search space's methods, at a density < 1 where they have one
+    "linear": {},
+    "task_arithmetic": {"lambda": 0.8},
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+    "della": {"density": 0.5, "epsilon": 0.1},
+    "ota": {"density": 0.5},
+}
+
+
 def rules(method: str) -> dict:
-    params = {"density": 0.5} if method == "ties" else {}
+    params = RESIDENT_METHODS.get(method, {}) if method != "task_arithmetic" else {}
     return {"method": method, "params": params}
 
 
@@ -145,28 +161,80 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def resident_timings(root: Path, methods: list[str], repeats: int) -> dict[str, dict[str, float]]:
+def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at_a_time: bool = False) -> dict:
+    """Per method: the median resident re-merge (after one warm-up merge) and the load-time order statistics
+    it reads — computed for all methods at once, or (`one_method_at_a_time`) afresh for each, to bound memory."""
+    import gc
+
     import torch
+    from scale import modelset_of
     from transformers import AutoModelForCausalLM
 
-    from mergetune.merge.modelset import ModelSet
-    from mergetune.merge.resident import ResidentModelSet
+    from mergetune.merge.methods import get_method
     from mergetune.merge.recipe import Recipe
+    from mergetune.merge.resident import ResidentModelSet
     from mergetune.merge.sinks import LiveModelSink
 
-    modelset = ModelSet.from_dirs(root / "base", {e: root / e for e in EXPERTS})
-    started = time.perf_counter()
-    resident = ResidentModelSet.load(modelset)
-    load_s = time.perf_counter() - started
+    modelset = modelset_of(root)  # the experts with their rank-1 moments (OTA)
+    params = sum(info.numel for info in modelset.reference.infos.values())
     live = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
-    out = {}
-    for method in methods:
-        recipe = Recipe.from_dict(
-            {"models": {"base": str(root / "base"), **{e: str(root / e) for e in EXPERTS}}, "base": "base", "rules": [rules(method)]}
-        )
-        times = [_timed(lambda: resident.merge_into(recipe, LiveModelSink(live), seed=0)) for _ in range(repeats + 1)][1:]
-        out[method] = {"seconds": statistics.median(times), "load_s": load_s}
+    groups = [[m] for m in methods] if one_method_at_a_time else [methods]
+    out: dict[str, dict] = {}
+    for group in groups:
+        started = time.perf_counter()
+        resident = ResidentModelSet.load(modelset)
+        load_s = time.perf_counter() - started
+        orders = tuple(sorted({kind for m in group for kind in get_method(m).orders}))
+        started = time.perf_counter()
+        resident.summaries.precompute(orders, modelset.experts, torch.get_num_threads())
+        orders_s = time.perf_counter() - started
+        for method in group:
+            recipe = Recipe.from_dict(
+                {"models": {"base": str(root / "base"), **{e: str(root / e) for e in EXPERTS}}, "base": "base", "rules": [rules(method)]}
+            )
+            times = [_timed(lambda r=resident, rc=recipe: r.merge_into(rc, LiveModelSink(live), seed=0)) for _ in range(repeats + 1)][1:]
+            out[method] = {
+                "seconds": statistics.median(times),
+                "load_s": load_s,
+                "orders": list(orders),
+                "orders_s": orders_s,
+                "orders_bytes": resident.summaries.nbytes,
+                "orders_bytes_per_param_expert": resident.summaries.nbytes / (params * len(EXPERTS)),
+            }
+        del resident
+        gc.collect()
     return out
+
+
+def resident_table(title: str, timings: dict, floor_s: float):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("method", "resident s", "floor s", "resident / floor", "order statistics", "built in s", "bytes / param / expert"):
+        table.add_column(column, justify="right")
+    for method, row in timings.items():
+        table.add_row(
+            method, f"{row['seconds']:.3f}", f"{floor_s:.3f}", f"{row['seconds'] / floor_s:.1f}×",
+            "+".join(row["orders"]) or "—", f"{row['orders_s']:.1f}", f"{row['orders_bytes_per_param_expert']:.2f}",
+        )  # fmt: skip
+    return table
+
+
+def large_model_timings(args, bandwidth: float, console) -> dict:
+    """The resident re-merge on `benchmarks/scale.py`'s model (its default shape), one method's order statistics at a time."""
+    import scale
+
+    with tempfile.TemporaryDirectory(prefix="merge_speed-large-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        params = build_models(root, args.large_hidden, args.large_layers, args.large_vocab, args.seed)
+        scale.write_rank1_moments(root, args.seed)
+        model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+        console.print(f"built the large model set: {params / 1e6:.0f}M params, {time.perf_counter() - started:.0f}s")
+        timings = resident_timings(root, list(RESIDENT_METHODS), args.repeats, one_method_at_a_time=True)
+    floor_s = (2 + len(EXPERTS)) * model_bytes / bandwidth
+    console.print(resident_table(f"Resident re-merge, {params / 1e6:.0f}M params (scale.py's model), {args.threads} thread(s)", timings, floor_s))
+    return {"params": params, "model_bytes": model_bytes, "floor_s": floor_s, "resident": timings}
 
 
 def main() -> None:
@@ -181,6 +249,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=11)
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--large", action="store_true", help="also the resident re-merge on scale.py's model")
+    parser.add_argument("--large-hidden", type=int, default=1536)
+    parser.add_argument("--large-layers", type=int, default=28)
+    parser.add_argument("--large-vocab", type=int, default=4096)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.method, args.root, args.out, args.threads)))
@@ -189,6 +261,7 @@ def main() -> None:
     import torch
     from rich.console import Console
     from rich.table import Table
+    from scale import write_rank1_moments
 
     from mergetune.core.versions import package_versions
     from mergetune.merge.methods import method_names
@@ -200,6 +273,7 @@ def main() -> None:
         root = Path(tmp)
         started = time.perf_counter()
         params = build_models(root, args.hidden, args.layers, args.vocab, args.seed)
+        write_rank1_moments(root, args.seed)
         model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         console.print(f"built base + {len(EXPERTS)} experts: {params / 1e6:.1f}M params, {model_bytes / 1e6:.0f} MB each (bf16), {time.perf_counter() - started:.0f}s")
         bandwidth = memory_bandwidth()
@@ -211,7 +285,8 @@ def main() -> None:
                 for tool in ("mergetune", "mergekit"):
                     disk[method][tool].append(run_child(tool, method, root, args.threads))
                     console.print(f"  {method:16s} {tool:9s} {disk[method][tool][-1]}")
-        resident = resident_timings(root, methods, args.repeats)
+        resident = resident_timings(root, list(RESIDENT_METHODS), args.repeats)
+    large = large_model_timings(args, bandwidth, console) if args.large else None
 
     table = Table(title=f"Merge speed: {params / 1e6:.0f}M params, base + {len(EXPERTS)} experts, bf16 on disk, {args.threads} thread(s)")
     for column in ("method", "mergetune s", "mergekit s", "speed-up", "mergetune RSS MB", "mergekit RSS MB", "resident s", "floor s", "resident / floor"):
@@ -246,6 +321,7 @@ def main() -> None:
             f"{row['resident_over_floor']:.1f}×",
         )
     console.print(table)
+    console.print(resident_table(f"Resident re-merge, {params / 1e6:.0f}M params, {args.threads} thread(s)", resident, floor_s))
     console.print(
         f"memory bandwidth (torch copy, read+write): {bandwidth / 1e9:.1f} GB/s; floor = {floor_bytes / 1e6:.0f} MB moved; "
         f"resident load {rows[0]['resident_load_s']:.1f}s (once per worker)"
@@ -259,6 +335,8 @@ def main() -> None:
         "bandwidth_bytes_per_s": bandwidth,
         "floor_bytes": floor_bytes,
         "rows": rows,
+        "resident": resident,
+        "large": large,
         "machine": platform.platform(),
         "versions": package_versions(),
     }
