@@ -312,6 +312,13 @@ class _Context:
         """DELLA's row ranks, which a device-placed worker keeps on its device (read whole by every trial)."""
         return self.statistics.get("row_ranks", 0) if placement == "device" else 0
 
+    def statistics_advice(self, held: int, excess: float) -> str:
+        """When the node's order statistics are what does not fit: which methods hold them (fewer workers barely helps)."""
+        if held < excess:
+            return ""
+        readers = sorted(name for name in self.per_method if get_method(name).orders)
+        return f", or search fewer of the methods whose order statistics it holds ({', '.join(readers)}; {gib(held)})"
+
     def host_statistics(self, placement: Placement) -> int:
         """The order statistics on the host: mapped from one file set per node (`summary_files`)."""
         return sum(self.statistics.values()) - self.device_statistics(placement)
@@ -460,5 +467,6 @@ class _Context:
                 f"each node needs {gib(plan.host_bytes)} of host memory ("
                 + ", ".join(f"{part} {gib(n)}" for part, n in node.items() if n)
                 + f") but {gib(m.host_bytes * (1 - HOST_HEADROOM))} is usable; run fewer workers per node"
+                + self.statistics_advice(node["order_statistics"], plan.host_bytes - m.host_bytes * (1 - HOST_HEADROOM))
             )
         return plan

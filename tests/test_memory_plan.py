@@ -92,6 +92,18 @@ def test_8b_cluster_example_fits_8x80gb_with_one_host_copy_per_node(llama8b, tmp
     assert host["order_statistics"] == 3 * (4 + 4 + 2) * bf16_bytes("8b") // 2
 
 
+def test_8b_on_a_small_host_names_the_methods_whose_order_statistics_do_not_fit(llama8b, tmp_path, capsys):
+    code, plan, err = run_plan(capsys, cluster_config(tmp_path, llama8b), "--gpu-memory", "80", "--host-memory", "256")
+    assert code == 2 and not plan["fits"] and plan["placement"] == "host"
+    assert len(err.splitlines()) == 1
+    assert "search fewer of the methods whose order statistics it holds (breadcrumbs_ties, della, ties; 224.4 GiB)" in err
+    # Without those methods the same host fits.
+    code, plan, err = run_plan(
+        capsys, cluster_config(tmp_path, llama8b, search={"methods": ["linear", "task_arithmetic", "dare_ties"]}), "--gpu-memory", "80", "--host-memory", "256"
+    )
+    assert code == 0 and plan["fits"] and plan["breakdown"]["per_node"]["order_statistics"] == 0
+
+
 def test_8b_on_the_device_is_refused_naming_the_fix(llama8b, tmp_path, capsys):
     code, plan, err = run_plan(capsys, cluster_config(tmp_path, llama8b, ray={"resident": "device"}), "--gpu-memory", "80", "--host-memory", "1000")
     assert code == 2 and not plan["fits"] and plan["placement"] == "device"
