@@ -75,17 +75,32 @@ def cache_prompts(count: int, seed: int, max_new_tokens: int, max_model_len: int
     return [f"reverse {''.join(rng.choice(string.ascii_lowercase) for _ in range(letters))}=" for _ in range(count)]
 
 
-def dare_masks_match(device: str, shape: tuple[int, int] = (513, 257), density: float = 0.3, seed: int = 0) -> bool:
-    """DARE's random mask for one tensor is the same on the CPU and on `device`."""
+DARE_NAME = "model.layers.0.mlp.up_proj.weight"
+
+
+def dare_masks(device: str, compiled: bool, shape: tuple[int, int] = (513, 257), density: float = 0.3, seed: int = 0) -> list:
+    """The entries DARE (dare_linear) and DELLA keep of one expert's τ on `device`, as CPU bool tensors: the
+    methods run as a worker runs them (counter-based draws, eager or compiled kernels)."""
     import torch
 
-    from mergetune.merge.methods.registry import tensor_generator
-    from mergetune.merge.sparsify import random_mask
+    from mergetune.merge.kernels import EAGER, Kernels
+    from mergetune.merge.methods import TensorInputs, get_method
 
-    tau = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    on_cpu = random_mask(tau, density, tensor_generator(seed, "model.layers.0.mlp.up_proj.weight"))
-    on_device = random_mask(tau.to(device), density, tensor_generator(seed, "model.layers.0.mlp.up_proj.weight"))
-    return on_device.device.type == torch.device(device).type and torch.equal(on_cpu, on_device.cpu())
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    kernels = Kernels(compiled=True) if compiled else EAGER
+    masks = []
+    for method, params in (("dare_linear", {"density": density, "rescale": False}), ("della", {"density": density, "epsilon": 0.1, "rescale": False})):
+        x = TensorInputs(name=DARE_NAME, base=torch.zeros_like(tau), weights=[1.0], deltas_given=[tau], seed=seed, kernels=kernels)
+        masks.append((get_method(method)(x, **params) != 0).cpu())
+    return masks
+
+
+def dare_masks_match(device: str) -> bool:
+    """DARE's and DELLA's masks on `device` (eager and compiled) equal the CPU's eager ones, entry for entry."""
+    import torch
+
+    reference = dare_masks("cpu", compiled=False)
+    return all(torch.equal(a, b) for compiled in (False, True) for a, b in zip(reference, dare_masks(device, compiled)))
 
 
 def score_mismatches(method: str, vllm: dict[str, float], hf: dict[str, float], tolerance: float = 0.0) -> list[str]:
