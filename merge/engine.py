@@ -75,7 +75,7 @@ def merge_modelset(
     read = compute = write = 0.0
     with open_reader(modelset, device) as reader:
         thresholds = GlobalThresholds(reader.scores)
-        kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()))
+        kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()), "disk")
         for name, plan in schedule:
             started = time.perf_counter()
             if plan is None:

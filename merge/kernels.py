@@ -24,7 +24,10 @@ from mergetune.merge.counter_rng import first_round, keep_from_bits, stream_bits
 log = logging.getLogger(__name__)
 
 COMPILE_ENV = "MERGETUNE_COMPILE"  # "1": always compile the kernels, "0": never; unset: for models of COMPILE_MIN_PARAMS or more
-COMPILE_MIN_PARAMS = 50_000_000
+# Compiling costs seconds per kernel variant and saves about 0.8 s per 100M parameters and merge (TIES: ~9 s;
+# benchmarks/merge_speed.py, one CPU thread): a search worker re-merging for hours compiles from 50M
+# parameters on, a one-shot disk merge only where one merge pays for it.
+COMPILE_MIN_PARAMS = {"resident": 50_000_000, "disk": 1_000_000_000}
 _COMPILE_OPTIONS = {
     "emulate_precision_casts": True,  # Triton: no fused multiply-adds (enable_fp_fusion off)
     "eager_numerics.division_rounding": True,  # Triton: IEEE division, as eager
@@ -242,8 +245,9 @@ def _compiled(name: str, fn):
 EAGER = Kernels(compiled=False)
 
 
-def kernels_for(parameters: int) -> Kernels:
-    """Compiled kernels for models of COMPILE_MIN_PARAMS parameters or more (or as MERGETUNE_COMPILE says)."""
+def kernels_for(parameters: int, engine: str) -> Kernels:
+    """Compiled kernels for models of COMPILE_MIN_PARAMS[engine] parameters or more ("resident": a search
+    worker's re-merges, "disk": one merge to files), or as MERGETUNE_COMPILE says."""
     setting = os.environ.get(COMPILE_ENV)
-    compiled = parameters >= COMPILE_MIN_PARAMS if setting is None else setting == "1"
+    compiled = parameters >= COMPILE_MIN_PARAMS[engine] if setting is None else setting == "1"
     return Kernels(compiled) if compiled else EAGER

@@ -217,7 +217,7 @@ def workspace_bytes(
         available = {kind: set(files) for kind, files in modelset.stats.items()}
         stats = stat_kinds(spec, list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
-        chunk = chunk_elements(device, kernels_for(inputs.base_elements).compiled)
+        chunk = chunk_elements(device, kernels_for(inputs.base_elements, "resident").compiled)
         roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk, staged=device == "cuda")
         needs = {role: n * 4 for role, n in roles_here.items()}
         # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized, but for

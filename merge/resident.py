@@ -107,7 +107,7 @@ class ResidentModelSet:
         self._largest = largest_tensor(modelset)[1]
         self._stat_sizes = {kind: largest_stat(modelset, kind) for kind in modelset.stats}
         ranks_device = self.device if self.placement == "device" else torch.device("cpu")
-        self.kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()))
+        self.kernels = kernels_for(sum(info.numel for info in modelset.reference.infos.values()), "resident")
         self.summaries = ModelSummaries(
             modelset.tensor_names,
             self._task_vector,
