@@ -2,7 +2,7 @@
 
 Builds a ~100M-parameter random Llama base and 3 perturbed fine-tunes (bfloat16 safetensors)
 in a temp dir, then measures in one run:
-  (a) disk to disk, each merge in a fresh subprocess (wall time of the merge call, peak RSS from
+  (a) disk to disk, each merge in a fresh subprocess (wall time from the tool's import to the merge's end, peak RSS from
       VmHWM): mergetune `merge_recipe_to_dir` vs mergekit 0.1.5 `run_merge`, for
       task_arithmetic and ties (density 0.5) — ties once the method library registers it;
   (b) the resident re-merge into a live model (`resident.ResidentModelSet.merge_into`, the per-trial cost)
@@ -87,10 +87,11 @@ def rules(method: str) -> dict:
 
 
 def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
-    """One disk-to-disk merge in this (fresh) process: seconds of the merge call and peak RSS."""
+    """One disk-to-disk merge in this (fresh) process: seconds from the tool's import to the merge's end, and peak RSS."""
     import torch
 
     torch.set_num_threads(threads)
+    started = time.perf_counter()  # the tool's own imports count, as they do for a user's merge command
     if tool == "mergetune":
         from mergetune.merge.engine import merge_recipe_to_dir
         from mergetune.merge.recipe import Recipe
@@ -103,7 +104,6 @@ def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
                 "dtype": "bfloat16",
             }
         )
-        started = time.perf_counter()
         merge_recipe_to_dir(recipe, out, seed=0, force=True)
     else:
         from mergekit.config import MergeConfiguration
@@ -120,7 +120,6 @@ def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
             }
         )
         options = MergeOptions(quiet=True, random_seed=0, num_threads=threads, copy_tokenizer=True)
-        started = time.perf_counter()
         run_merge(config, str(out), options)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
