@@ -167,8 +167,8 @@ class LmEvalEvaluator:
         return {name: summary["score"] for name, summary in self.summarise(backend, split).items()}
 
     def summarise(self, backend: Any, split: Split = "search") -> dict[str, ScoreSummary]:
-        """`evaluate`'s scores with the SE of the mean of their per-item values (None for a metric whose
-        items are not numbers) and item counts."""
+        """`evaluate`'s scores with the SE of the mean of their per-item values (None for a metric lm-eval
+        does not aggregate by a mean) and item counts."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         if self.config.backend == "vllm":
@@ -210,5 +210,7 @@ class LmEvalEvaluator:
             for sample in (output.get("samples") or {}).get(leaf, [])
             if sample.get("filter", "none") == (filter_key or "none")
         ]
-        numeric = bool(items) and all(isinstance(v, int | float) for v in items)
+        # The SE of a mean of per-item values; other aggregations (perplexity, F1, BLEU) report none.
+        means = all(getattr(leaf.aggregation().get(metric), "__name__", None) == "mean" for leaf in task.task_dict["tasks"].values())
+        numeric = means and bool(items) and all(isinstance(v, int | float) for v in items)
         return {"score": float(results[key]), "se": standard_error(items) if numeric else None, "items": len(items)}

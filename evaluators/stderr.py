@@ -1,9 +1,9 @@
 """Standard errors of per-item means: what a score's ± says, in every table and in selection.
 
 A task's score is the mean of per-item scores over a fixed subset of n items, so its noise is
-the standard error of that mean: pstdev(items)/√n — for exact match (0/1 items) √(p(1−p)/n) —
-floored at 1/n, so that a subset scored all right or all wrong (p = 0 or 1) does not claim
-zero noise. Scores of different tasks come from different items, so the SE of a weighted mean
+the standard error of that mean: pstdev(items)/√n — for exact match (0/1 items) √(p(1−p)/n),
+floored at 1/n so that a subset scored all right or all wrong (p = 0 or 1) does not claim
+zero noise (graded items, e.g. log-likelihoods, are not floored: their scale is not [0, 1]). Scores of different tasks come from different items, so the SE of a weighted mean
 of them is √Σ(wᵢ/Σ|w|)²·seᵢ².
 """
 
@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 
 
 def standard_error(items: Sequence[float]) -> float:
-    """Standard error of the mean of per-item scores, floored at 1/n."""
+    """Standard error of the mean of per-item scores; for 0/1 items floored at 1/n."""
     n = len(items)
-    return max(statistics.pstdev(items) / math.sqrt(n), 1.0 / n)
+    se = statistics.pstdev(items) / math.sqrt(n)
+    return max(se, 1.0 / n) if all(v in (0, 1) for v in items) else se
 
 
 def item_summary(items: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
