@@ -98,7 +98,8 @@ def confirm_top_trials(
                     log.warning("trial %d was not confirmed: %s", trial.number, result["error"])
                     continue
                 scores = result["confirmed"]
-                storage(study.set_user_attr, f"{CONFIRMED_ATTR_PREFIX}{trial.number}", {"scores": scores, "limit": limit})
+                record = {"scores": scores, "limit": limit, "timings": result.get("timings", {})}
+                storage(study.set_user_attr, f"{CONFIRMED_ATTR_PREFIX}{trial.number}", record)
                 confirmed += 1
                 shown = ", ".join(f"{name} {with_error(s['score'], s['se'])}" for name, s in scores.items())
                 console.print(f"trial {trial.number} confirmed: {shown}", highlight=False, markup=False)

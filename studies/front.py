@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # {"<trial number>": {objective: score}}.
 TEST_SCORES_ATTR = "test_scores"
 # Confirmed scores live in one study user attr per trial, so drivers and a crash lose none:
-# "confirmed:<trial number>" → {"scores": {objective: {"score", "se", "items"}}, "limit": confirm.limit}.
+# "confirmed:<trial number>" → {"scores": {objective: {"score", "se", "items"}}, "limit": confirm.limit,
+# "timings": the worker's (merge_s, eval_s, ...)}.
 CONFIRMED_ATTR_PREFIX = "confirmed:"
 
 

@@ -122,6 +122,7 @@ def test_run_confirms_its_top_trials_and_the_best_follows_the_confirmed_scores(z
     assert len(calls.read_text().splitlines()) == TOP_K + 1
     redone = confirmed_records(optuna.load_study(study_name="confirmed", storage=config.storage_url))
     assert sorted(redone) == sorted(records)
+    assert {"merge_s", "eval_s"} <= set(records[candidates[0].number]["timings"])
     for name in names:
         entry = records[candidates[-1].number]["scores"][name]
         assert redone[candidates[-1].number]["scores"][name] == {**entry, "score": pytest.approx(entry["score"], abs=LOGPROB_TOL), "se": pytest.approx(entry["se"], abs=LOGPROB_TOL)}
