@@ -24,7 +24,7 @@ from mergetune.evaluators.config import LmEvalConfig, validate_evaluator_config
 from mergetune.search.config import StudyConfig
 from mergetune.search.pool import WorkerPool
 from mergetune.search.stopping import StopSignals
-from mergetune.studies.front import CONFIRMED_ATTR_PREFIX, confirmation_candidates, confirmed_records, with_error
+from mergetune.studies.front import CONFIRMED_ATTR_PREFIX, confirmation_candidates, confirmed_records, trial_recipe, with_error
 from mergetune.studies.storage import StorageRetry
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def confirm_top_trials(
     records = storage(confirmed_records, study)
     todo = [
         t for t in storage(confirmation_candidates, study, config.confirm.top_k)
-        if records.get(t.number, {}).get("limit", _UNCONFIRMED) != limit
+        if "recipe" in t.user_attrs and records.get(t.number, {}).get("limit", _UNCONFIRMED) != limit
     ]  # fmt: skip
     if not todo:
         return 0
@@ -79,7 +79,8 @@ def confirm_top_trials(
         while (todo or in_flight) and stop.level < 2:
             while free and todo and not stop.level:
                 trial, slot = todo.pop(0), free.pop(0)
-                ref = pool.actors[slot].confirm.remote(trial.user_attrs["recipe"], trial.user_attrs["seed"])
+                recipe = trial_recipe(trial)
+                ref = pool.actors[slot].confirm.remote(recipe.to_dict(), trial.user_attrs.get("seed", recipe.seed))
                 in_flight[ref] = (trial, slot)
             if not in_flight:
                 break
