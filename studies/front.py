@@ -122,7 +122,9 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> FrozenTrial:
     """`trial` is `best` or a trial number; `pick` chooses among the front: `weights`, an objective, or NAME=W,...
 
-    Once trials have confirmed scores, `best` chooses among those trials by their confirmed scores."""
+    Once trials have confirmed scores, the default pick (`weights`, the configured ones) chooses among those
+    trials by their confirmed weighted mean; an objective or NAME=W weights choose by search scores, since the
+    confirmation re-scored the candidates of the configured weights only."""
     if trial != "best":
         try:
             number = int(trial)
@@ -143,14 +145,13 @@ def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> Froz
         if not complete:
             raise MergetuneError(f"study {study.study_name!r} has no COMPLETE trial yet")
         better = max if study.directions[i] == optuna.study.StudyDirection.MAXIMIZE else min
-        if confirmed:
-            return better((t for t in complete if t.number in confirmed), key=lambda t: (confirmed[t.number][i], -t.number))
         return better(complete, key=lambda t: (t.values[i], -t.number))
     front = front_trials(study)
     if pick in (None, "weights"):
         weights = configured_weights(study)
     elif "=" in pick:
         weights = parse_weights(pick, names)
+        confirmed = {}
     else:
         raise MergetuneError(f"--pick {pick!r}: give `weights`, an objective ({', '.join(names)}) or NAME=W pairs")
     if confirmed:
