@@ -2,7 +2,8 @@
 
 A backend holds the model the merge writes into (`weight_sink()`); an evaluator scores
 whatever weights the backend holds right now (`evaluate(backend, split)`), on the same
-seeded subset of each task every call, without writing any file.
+seeded subset of each task every call, without writing any file; `summarise(backend, split)`
+gives each score with its standard error and item count (evaluators/stderr.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ Split = Literal["search", "test"]
 Part = Literal["all", "head", "rest"]
 SPLITS: tuple[Split, ...] = ("search", "test")
 T = TypeVar("T")
+# {"score": mean, "se": its standard error (None where the evaluator cannot tell), "items": n}
+ScoreSummary = dict[str, Any]
 
 
 class EvaluationFailed(Exception):
@@ -45,6 +48,8 @@ class Evaluator(Protocol):
     objectives: list[Objective]
 
     def evaluate(self, backend: Any, split: Split = "search") -> dict[str, float]: ...
+
+    def summarise(self, backend: Any, split: Split = "search") -> dict[str, ScoreSummary]: ...
 
 
 class StagedEvaluator(Evaluator, Protocol):

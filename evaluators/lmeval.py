@@ -17,12 +17,14 @@ from mergetune.evaluators.base import (
     SPLITS,
     EvaluationFailed,
     Objective,
+    ScoreSummary,
     Split,
     read_zoo,
     run_guarded,
     subset_indices,
 )
 from mergetune.evaluators.config import Limit, LmEvalConfig, LmEvalTaskConfig
+from mergetune.evaluators.stderr import standard_error
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,11 @@ class LmEvalEvaluator:
 
     def evaluate(self, backend: Any, split: Split = "search") -> dict[str, float]:
         """Scores of the backend's current weights: one lm-eval run per task on its fixed `split` subset."""
+        return {name: summary["score"] for name, summary in self.summarise(backend, split).items()}
+
+    def summarise(self, backend: Any, split: Split = "search") -> dict[str, ScoreSummary]:
+        """`evaluate`'s scores with the SE of the mean of their per-item values (None for a metric lm-eval
+        does not aggregate by a mean) and item counts."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         if self.config.backend == "vllm":
@@ -177,7 +184,7 @@ class LmEvalEvaluator:
             for task in self.tasks[split]
         }
 
-    def _score(self, lm: Any, task: LoadedTask) -> float:
+    def _score(self, lm: Any, task: LoadedTask) -> ScoreSummary:
         from lm_eval.evaluator import evaluate
 
         for leaf in task.task_dict["tasks"].values():
@@ -188,11 +195,22 @@ class LmEvalEvaluator:
             limit=task.limit if task.samples is None else None,
             samples=task.samples,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,  # the per-item values give the SE (bootstrap_iters=0 leaves lm-eval's stderr N/A)
             system_instruction=self.config.system_instruction,
             apply_chat_template=self.config.apply_chat_template,
             fewshot_as_multiturn=self.config.fewshot_as_multiturn,
             verbosity="ERROR",
         )
         results = output["results"][task.lm_eval_name]
-        return float(results[metric_result_key(results, task.metric)])
+        key = metric_result_key(results, task.metric)
+        metric, _, filter_key = key.partition(",")
+        items = [
+            sample.get(metric)
+            for leaf in task.task_dict["tasks"]
+            for sample in (output.get("samples") or {}).get(leaf, [])
+            if sample.get("filter", "none") == (filter_key or "none")
+        ]
+        # The SE of a mean of per-item values; other aggregations (perplexity, F1, BLEU) report none.
+        means = all(getattr(leaf.aggregation().get(metric), "__name__", None) == "mean" for leaf in task.task_dict["tasks"].values())
+        numeric = means and bool(items) and all(isinstance(v, int | float) for v in items)
+        return {"score": float(results[key]), "se": standard_error(items) if numeric else None, "items": len(items)}

@@ -21,6 +21,7 @@ from mergetune.evaluators.base import (
     HFBackend,
     Objective,
     Part,
+    ScoreSummary,
     Split,
     read_zoo,
     run_guarded,
@@ -28,6 +29,7 @@ from mergetune.evaluators.base import (
 )
 from mergetune.evaluators.config import QuickConfig, QuickTaskConfig
 from mergetune.evaluators.generation import answer_logprobs, exact_matches, greedy_generate
+from mergetune.evaluators.stderr import item_summary
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,10 @@ class QuickEvaluator:
     def evaluate(self, backend: HFBackend, split: Split = "search") -> dict[str, float]:
         """Scores of the backend's current weights on each task's fixed `split` subset."""
         return mean_scores(self.score_items(backend, split))
+
+    def summarise(self, backend: HFBackend, split: Split = "search") -> dict[str, ScoreSummary]:
+        """`evaluate`'s scores with their standard errors (evaluators/stderr.py) and item counts."""
+        return item_summary(self.score_items(backend, split))
 
     def head_size(self, items: int, first_share: float) -> int:
         """Items of a subset scored in the head: ceil(share · items) rounded up to whole batches, so the head

@@ -108,7 +108,7 @@ def status(
 
     from mergetune.search.bookkeeping import stored_config
     from mergetune.search.liveness import driver_records
-    from mergetune.studies.front import best_vs_baselines, objective_names
+    from mergetune.studies.front import best_vs_baselines, confirmed_records, objective_names, search_errors, with_error
     from mergetune.studies.store import open_study
 
     loaded = open_study(study, storage)
@@ -136,15 +136,20 @@ def status(
             f"driver {record.host} pid {record.pid}: {state}, {len(record.in_flight)} in flight, last beat {age:.0f} s ago",
             markup=False,
         )
-    table = Table(title="best per objective")
-    for column in ("objective", "best", "trial", "baseline"):
+    confirmed = confirmed_records(loaded)
+    table = Table(title="best per objective (search score ± SE)")
+    for column in ("objective", "best", "trial", "baseline", *(["confirmed"] if confirmed else [])):
         table.add_column(column)
     for i, name in enumerate(names):
         if not done:
             break
         pick = max if loaded.directions[i].name == "MAXIMIZE" else min
         best = pick(done, key=lambda t: t.values[i])
-        table.add_row(name, f"{best.values[i]:.4f}", str(best.number), str(best.user_attrs.get("baseline", "")))
+        row = [name, with_error(best.values[i], search_errors(loaded, best)[i]), str(best.number), str(best.user_attrs.get("baseline", ""))]
+        if confirmed:
+            again = confirmed.get(best.number, {}).get("scores", {}).get(name)
+            row.append("–" if again is None else with_error(again["score"], again.get("se")))
+        table.add_row(*row)
     console.print(table)
     line = best_vs_baselines(loaded)
     if line:

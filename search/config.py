@@ -7,6 +7,7 @@
     sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
     budget: {n_trials: 60}
     pruning: {enabled: false, first_share: 0.25, min_complete: 8}
+    confirm: {top_k: 4, limit: null}   # re-score the top trials on more search items before naming the best
     ray: {workers: 2, cpus_per_worker: 1}
 
 Every section has sound defaults; unknown keys are rejected with the allowed ones named.
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
-from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind
+from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind, checked_limit
 from mergetune.merge.domains import param_domain
 from mergetune.merge.vocabulary import TokenizerSpec
 from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
@@ -168,6 +169,20 @@ class PruningConfig(_Strict):
     )
 
 
+class ConfirmConfig(_Strict):
+    """Noise-aware selection (search/confirm.py): the run's end re-scores its top trials on a larger subset."""
+
+    top_k: int = Field(default=4, ge=0, description="trials re-scored at the end of a run (front first); 0 turns it off")
+    limit: int | float | None = Field(
+        default=None, description="items per task of the search split for the re-score: a count, a fraction < 1, or null for all"
+    )
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: int | float | None) -> int | float | None:
+        return checked_limit(value)
+
+
 class RayConfig(_Strict):
     address: str | None = Field(default=None, description="join this cluster (e.g. 'auto', 'ray://head:10001')")
     workers: int = Field(default=1, ge=1, description="actors, i.e. trials in flight")
@@ -224,6 +239,7 @@ class StudyConfig(_Strict):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(n_trials=50))
     pruning: PruningConfig = Field(default_factory=PruningConfig)
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     storage: str | None = Field(default=None, description="SQLAlchemy URL or journal:///path; default sqlite under studies/")
     storage_retry_s: float = Field(
         default=120, ge=0, description="how long an unreachable storage is retried (with backoff) before the run stops"

@@ -19,7 +19,8 @@ Stopping: first Ctrl-C → no new trials, in-flight ones finish; a second Ctrl-C
 in-flight trials FAIL and are re-enqueued now; a third signal stops at once. Either way the
 local Ray this driver started is stopped and the run exits 130 (Ctrl-C) or 143 (SIGTERM). The
 budget counts finished trials: COMPLETE, and PRUNED when two-stage pruning is on
-(search/pruning.py: the driver keeps the actor between the stages and decides).
+(search/pruning.py: the driver keeps the actor between the stages and decides). Once the budget is
+reached, the top trials are re-scored on a larger search subset (search/confirm.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from mergetune.search.bookkeeping import (
     snapshot,
 )
 from mergetune.search.config import ObjectiveConfig, StudyConfig
+from mergetune.search.confirm import confirm_top_trials
 from mergetune.search.liveness import Heartbeat, Liveness, driver_records
 from mergetune.search.pool import WorkerPool, check_local_gpus, connect_ray, resolve_objectives, wait_for_resources
 from mergetune.search.pruning import beaten_beyond_noise, make_pruner
@@ -197,7 +199,8 @@ class Driver:
         if job.stage == 2:  # the first stage's timings come first
             result["timings"] = {**trial.user_attrs.get("timings", {}), **result.get("timings", {})}
         # A first stage's `scores` are head means; they are kept in `first_stage` with their SE.
-        for key in ("node_id", "gpu_ids", "pid", "versions", "timings", "first_stage" if job.stage == 1 else "scores"):
+        stored = ("first_stage",) if job.stage == 1 else ("scores", "score_se")
+        for key in ("node_id", "gpu_ids", "pid", "versions", "timings", *stored):
             if key in result:
                 self.storage(trial.set_user_attr, key, result[key])
         self.storage(trial.set_user_attr, "worker", job.slot)
@@ -395,6 +398,8 @@ def run_study(
             driver = Driver(study, space, pool, objectives, config, console, heartbeat, stop)
             set_up_study(study, created, config, objectives, space, heartbeat, driver.liveness)
             driver.run(config.budget.n_trials, config.budget.timeout)
+            if not stop.signals:
+                confirm_top_trials(study, pool, storage, config, console, stop)
     except KeyboardInterrupt:
         interrupted = True  # reported below, after the cleanup
     finally:

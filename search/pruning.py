@@ -13,8 +13,7 @@ scores the rest on the already-merged live model. Between the stages the driver 
   scores by more than one first-stage standard error on EVERY objective. A first-stage score
   is a mean over few items, so it is noisy; one SE of slack keeps a trial whose head merely
   looked unlucky, while a trial beaten on every task by more than the noise cannot be on the
-  front. The SE of a mean over n items is pstdev(items)/√n — for exact match (0/1 items)
-  that is √(p(1−p)/n) — floored at 1/n so p = 0 or 1 does not give a zero-width margin.
+  front. The SE is evaluators/stderr.py's (floored at 1/n, so p = 0 or 1 gives no zero-width margin).
 
 Neither rule prunes before `min_complete` COMPLETE trials exist, and warm-start baselines are
 never pruned. A PRUNED trial counts toward `budget.n_trials`: it was a proposal, and the
@@ -23,27 +22,11 @@ budget bounds proposals; it carries its first-stage scores in `user_attrs["first
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Sequence
 
 import optuna
 
 from mergetune.search.config import ObjectiveConfig, PruningConfig
-
-
-def standard_error(items: Sequence[float]) -> float:
-    """Standard error of the mean of per-item scores, floored at 1/n."""
-    n = len(items)
-    return max(statistics.pstdev(items) / math.sqrt(n), 1.0 / n)
-
-
-def first_stage_summary(items: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Per objective: the first-stage mean, its standard error and item count."""
-    return {
-        name: {"score": sum(values) / len(values), "se": standard_error(values), "items": len(values)}
-        for name, values in items.items()
-    }
 
 
 def beaten_beyond_noise(

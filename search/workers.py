@@ -5,8 +5,10 @@ model set's inputs as stored, on its device or mapped in host memory shared by t
 (`ray.resident`, decided by the memory plan), owns one evaluator, and per trial merges every tensor into the live
 model in place, then scores it — in one call (`run`), or in two when pruning is on
 (`run_first_stage` merges and scores the head of each task's subset, `run_second_stage`
-scores the rest on the same live model). Errors of a trial come back as a result with
-`error`, so only a dead process surfaces as an exception on the driver.
+scores the rest on the same live model). A scored result carries each score's standard error
+(`score_se`). At the end of a run, `confirm` re-merges a top trial's recipe and scores it on the
+larger confirmation subset of the search split (search/confirm.py). Errors of a trial come back
+as a result with `error`, so only a dead process surfaces as an exception on the driver.
 """
 
 from __future__ import annotations
@@ -112,8 +114,11 @@ class TrialWorker:
             modelset, device=device, placement=resident_placement(config), orders=study_orders(config), cache=cache_root()
         )
         self.evaluator = build_evaluator(config.evaluator)
+        self.config = config
+        self._confirm_evaluator = None  # built on the first `confirm` call
         self.versions = package_versions()
         self._head: dict[str, list[float]] = {}  # per-item scores of the first stage, kept for the second
+        self._summary: dict[str, dict] = {}  # the last scoring's mean, SE and items per objective
         log.info("worker ready in %.1fs on %s", time.perf_counter() - started, device)
 
     def objectives(self) -> list[tuple[str, str]]:
@@ -125,16 +130,33 @@ class TrialWorker:
     def run(self, recipe: dict, seed: int) -> dict[str, object]:
         """Merge `recipe` into the live model and score every task's whole search subset."""
 
+        return self._attempt(self._merge_and_summarise(recipe, seed, self.evaluator))
+
+    def confirm(self, recipe: dict, seed: int) -> dict[str, object]:
+        """Merge `recipe` and score it on the confirmation subset of the search split; `confirmed` holds
+        mean, SE and items per objective."""
+        from mergetune.evaluators.base import build_evaluator
+        from mergetune.search.confirm import confirmation_evaluator
+
+        if self._confirm_evaluator is None:
+            self._confirm_evaluator = build_evaluator(confirmation_evaluator(self.config))
+        result = self._attempt(self._merge_and_summarise(recipe, seed, self._confirm_evaluator))
+        if "error" not in result:
+            result["confirmed"] = self._summary
+        return result
+
+    def _merge_and_summarise(self, recipe: dict, seed: int, evaluator) -> Callable[[dict[str, float]], dict[str, float]]:
         def merge_and_score(timings: dict[str, float]) -> dict[str, float]:
             self._merge(recipe, seed, timings)
-            return timed(timings, "eval_s", lambda: self.evaluator.evaluate(self.backend, split="search"))
+            self._summary = timed(timings, "eval_s", lambda: evaluator.summarise(self.backend, split="search"))
+            return {name: summary["score"] for name, summary in self._summary.items()}
 
-        return self._attempt(merge_and_score)
+        return merge_and_score
 
     def run_first_stage(self, recipe: dict, seed: int, first_share: float) -> dict[str, object]:
         """Merge `recipe` and score the head of each task's search subset; `first_stage` holds mean, SE and items."""
         from mergetune.evaluators.quick import mean_scores
-        from mergetune.search.pruning import first_stage_summary
+        from mergetune.evaluators.stderr import item_summary
 
         def merge_and_score_head(timings: dict[str, float]) -> dict[str, float]:
             self._merge(recipe, seed, timings)
@@ -145,18 +167,19 @@ class TrialWorker:
 
         result = self._attempt(merge_and_score_head)
         if "error" not in result:
-            result["first_stage"] = first_stage_summary(self._head)
+            result["first_stage"] = item_summary(self._head)
         return result
 
     def run_second_stage(self, first_share: float) -> dict[str, object]:
         """Score the rest of each subset on the model `run_first_stage` merged; `scores` cover the whole subset."""
-        from mergetune.evaluators.quick import mean_scores
+        from mergetune.evaluators.stderr import item_summary
 
         def score_rest(timings: dict[str, float]) -> dict[str, float]:
             rest = timed(
                 timings, "eval_rest_s", lambda: self.evaluator.score_items(self.backend, "search", "rest", first_share)
             )
-            return mean_scores({name: self._head[name] + rest[name] for name in rest})
+            self._summary = item_summary({name: self._head[name] + rest[name] for name in rest})
+            return {name: summary["score"] for name, summary in self._summary.items()}
 
         return self._attempt(score_rest)
 
@@ -173,6 +196,7 @@ class TrialWorker:
 
         result: dict[str, object] = {**placement(), "versions": self.versions}
         timings: dict[str, float] = {}
+        self._summary = {}
         try:
             scores = score(timings)
         except EvaluationFailed as exc:
@@ -183,6 +207,8 @@ class TrialWorker:
         bad = sorted(name for name, value in scores.items() if not math.isfinite(value))
         if bad:
             return {**result, "error": f"non-finite score for {bad[0]}", "scores": scores}
+        if self._summary:
+            result["score_se"] = {name: summary["se"] for name, summary in self._summary.items()}
         return {**result, "scores": scores, "timings": timings}
 
 

@@ -20,7 +20,15 @@ from mergetune.core.errors import MergetuneError
 from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.core.versions import package_versions
 from mergetune.merge.recipe import Recipe
-from mergetune.studies.front import objective_names, recorded_test_scores, recipe_summary, trial_recipe
+from mergetune.studies.front import (
+    confirmed_records,
+    objective_names,
+    recipe_summary,
+    recorded_test_scores,
+    search_errors,
+    trial_recipe,
+    with_error,
+)
 from mergetune.studies.mergekit import ModelLayout, mergekit_yaml, recipe_to_mergekit
 
 log = logging.getLogger(__name__)
@@ -85,12 +93,16 @@ def model_card(study: optuna.Study, trial: FrozenTrial, recipe: Recipe, mergekit
         "",
         f"Methods: {recipe_summary(recipe)}",
         "",
-        "| objective | search split | test split |",
-        "|---|---|---|",
+        "| objective | search split (± SE) | confirmed (more search items) | test split |",
+        "|---|---|---|---|",
     ]
-    for name, value in zip(names, trial.values):
+    again = confirmed_records(study).get(trial.number, {}).get("scores", {})
+    for name, value, se in zip(names, trial.values, search_errors(study, trial)):
         test_value = test.get(name)
-        lines.append(f"| {name} | {value:.4f} | {'not scored' if test_value is None else f'{test_value:.4f}'} |")
+        confirmed = "not re-scored" if name not in again else f"{with_error(again[name]['score'], again[name].get('se'))} ({again[name]['items']} items)"
+        lines.append(
+            f"| {name} | {with_error(value, se)} | {confirmed} | {'not scored' if test_value is None else f'{test_value:.4f}'} |"
+        )
     if not test:
         lines += ["", "Test-split scores: run `mergetune front --study NAME --evaluate test`, then export again."]
     lines += ["", "## Recipe", "", f"Re-run with `mergetune merge {RECIPE_FILE} OUT`:", "", "```yaml", recipe.to_yaml().rstrip(), "```"]

@@ -1,4 +1,11 @@
-"""Read a study: objectives, the Pareto front, picking one trial, recipe summaries, held-out re-scoring."""
+"""Read a study: objectives, the Pareto front, picking one trial, recipe summaries, held-out re-scoring.
+
+Scores carry their noise: a trial's `score_se` user attr holds each search score's standard
+error, and the trials the run's end re-scored on the larger confirmation subset
+(search/confirm.py) have a confirmed record. Once any trial is confirmed, "best" is the
+confirmed trial with the highest confirmed weighted mean: a search score that noise inflated
+is not trusted over a re-score on more items.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,10 @@ log = logging.getLogger(__name__)
 # Finished trials are read-only in Optuna, so held-out scores live in one study user attr:
 # {"<trial number>": {objective: score}}.
 TEST_SCORES_ATTR = "test_scores"
+# Confirmed scores live in one study user attr per trial, so drivers and a crash lose none:
+# "confirmed:<trial number>" → {"scores": {objective: {"score", "se", "items"}}, "limit": confirm.limit,
+# "timings": the worker's (merge_s, eval_s, ...)}.
+CONFIRMED_ATTR_PREFIX = "confirmed:"
 
 
 def objective_names(study: optuna.Study) -> list[str]:
@@ -55,14 +66,46 @@ def parse_weights(text: str, names: list[str]) -> dict[str, float]:
     return weights
 
 
-def scalarised(study: optuna.Study, trial: FrozenTrial, weights: dict[str, float]) -> float:
-    """Weighted mean of the trial's objective values, minimised objectives negated (higher is better)."""
+def confirmed_records(study: optuna.Study) -> dict[int, dict]:
+    """Trial number → its confirmation record (see CONFIRMED_ATTR_PREFIX)."""
+    return {
+        int(key[len(CONFIRMED_ATTR_PREFIX):]): value
+        for key, value in study.user_attrs.items()
+        if key.startswith(CONFIRMED_ATTR_PREFIX)
+    }
+
+
+def confirmed_values(study: optuna.Study, record: dict) -> list[float]:
+    """A confirmation record's scores in `trial.values` order."""
+    return [float(record["scores"][name]["score"]) for name in objective_names(study)]
+
+
+def search_errors(study: optuna.Study, trial: FrozenTrial) -> list[float | None]:
+    """The standard error of each search score, in `trial.values` order (None where none was recorded)."""
+    errors = trial.user_attrs.get("score_se") or {}
+    return [errors.get(name) for name in objective_names(study)]
+
+
+def with_error(value: float, se: float | None) -> str:
+    return f"{value:.4f}" if se is None else f"{value:.4f} ± {se:.4f}"
+
+
+def scalarised(study: optuna.Study, trial: FrozenTrial, weights: dict[str, float], values: list[float] | None = None) -> float:
+    """Weighted mean of the trial's objective values (or of `values`, e.g. its confirmed scores), minimised
+    objectives negated (higher is better)."""
     total = sum(abs(w) for w in weights.values()) or 1.0
     score = 0.0
-    for name, value, direction in zip(objective_names(study), trial.values, study.directions):
+    for name, value, direction in zip(objective_names(study), trial.values if values is None else values, study.directions):
         sign = -1.0 if direction == optuna.study.StudyDirection.MINIMIZE else 1.0
         score += weights.get(name, 0.0) * sign * value
     return score / total
+
+
+def scalarised_error(study: optuna.Study, errors: list[float | None], weights: dict[str, float]) -> float | None:
+    """The standard error of `scalarised` for per-objective standard errors `errors`."""
+    from mergetune.evaluators.stderr import weighted_standard_error
+
+    return weighted_standard_error(errors, [weights.get(name, 0.0) for name in objective_names(study)])
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -77,7 +120,11 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> FrozenTrial:
-    """`trial` is `best` or a trial number; `pick` chooses among the front: `weights`, an objective, or NAME=W,..."""
+    """`trial` is `best` or a trial number; `pick` chooses among the front: `weights`, an objective, or NAME=W,...
+
+    Once trials have confirmed scores, the default pick (`weights`, the configured ones) chooses among those
+    trials by their confirmed weighted mean; an objective or NAME=W weights choose by search scores, since the
+    confirmation re-scored the candidates of the configured weights only."""
     if trial != "best":
         try:
             number = int(trial)
@@ -90,9 +137,11 @@ def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> Froz
             raise MergetuneError(f"trial {number} is {found[0].state.name}, not a COMPLETE trial with a recipe")
         return found[0]
     names = objective_names(study)
+    records = confirmed_records(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    confirmed = {t.number: confirmed_values(study, records[t.number]) for t in complete if t.number in records}
     if pick in names:
         i = names.index(pick)
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise MergetuneError(f"study {study.study_name!r} has no COMPLETE trial yet")
         better = max if study.directions[i] == optuna.study.StudyDirection.MAXIMIZE else min
@@ -102,19 +151,38 @@ def pick_trial(study: optuna.Study, trial: str, pick: str | None = None) -> Froz
         weights = configured_weights(study)
     elif "=" in pick:
         weights = parse_weights(pick, names)
+        confirmed = {}
     else:
         raise MergetuneError(f"--pick {pick!r}: give `weights`, an objective ({', '.join(names)}) or NAME=W pairs")
+    if confirmed:
+        pool = [t for t in complete if t.number in confirmed]
+        return max(pool, key=lambda t: (scalarised(study, t, weights, confirmed[t.number]), -t.number))
     return max(front, key=lambda t: (scalarised(study, t, weights), -t.number))
 
 
+def confirmation_candidates(study: optuna.Study, top_k: int) -> list[FrozenTrial]:
+    """The trials the run's end re-scores: Pareto-front members by weighted search mean (the best by it
+    first), then, if the front has fewer than `top_k`, the next COMPLETE trials by it; at most `top_k`."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete or top_k <= 0:
+        return []
+    weights = configured_weights(study)
+    on_front = {t.number for t in front_trials(study)}
+    ranked = sorted(complete, key=lambda t: (t.number not in on_front, -scalarised(study, t, weights), t.number))
+    return ranked[:top_k]
+
+
 def best_scored(study: optuna.Study) -> tuple[FrozenTrial, float] | None:
-    """The study's best trial — what `export --trial best` picks — and its weighted mean; None before
-    a COMPLETE trial. The progress bar, the run's last line, `status`, `front` and reports show this."""
+    """The study's best trial — what `export --trial best` picks — and the weighted mean it was picked by
+    (confirmed, once it has one); None before a COMPLETE trial. The progress bar, the run's last line,
+    `status`, `front` and reports show this."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
     best = pick_trial(study, "best")
-    return best, scalarised(study, best, configured_weights(study))
+    record = confirmed_records(study).get(best.number)
+    values = None if record is None else confirmed_values(study, record)
+    return best, scalarised(study, best, configured_weights(study), values)
 
 
 def best_vs_baselines(study: optuna.Study) -> str | None:
@@ -123,14 +191,22 @@ def best_vs_baselines(study: optuna.Study) -> str | None:
     scored = best_scored(study)
     if scored is None:
         return None
-    best, best_score = scored
+    best, _ = scored
     weights = configured_weights(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     baselines = [(scalarised(study, t, weights), t) for t in complete if t.user_attrs.get("baseline")]
-    line = f"best trial #{best.number}: weighted mean {best_score:.4f} on the search split"
+    search_score = scalarised(study, best, weights)
+    line = f"best trial #{best.number}: weighted mean {with_error(search_score, scalarised_error(study, search_errors(study, best), weights))} on the search split"
+    record = confirmed_records(study).get(best.number)
+    if record is not None:
+        errors = [record["scores"][name].get("se") for name in objective_names(study)]
+        items = sorted({record["scores"][name].get("items") for name in objective_names(study)} - {None})
+        score = scalarised(study, best, weights, confirmed_values(study, record))
+        line += f", confirmed {with_error(score, scalarised_error(study, errors, weights))}"
+        line += f" on {'/'.join(map(str, items))} items per task" if items else ""
     if baselines:
         top_score, top = max(baselines, key=lambda pair: (pair[0], -pair[1].number))
-        line += f", {best_score - top_score:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number})"
+        line += f"; search mean {search_score - top_score:+.4f} over the best warm-start baseline ({top.user_attrs['baseline']}, #{top.number})"
     return line + f"; score it on test with `mergetune front --study {study.study_name} --evaluate test`"
 
 
@@ -161,14 +237,19 @@ def recorded_test_scores(study: optuna.Study) -> dict[int, dict[str, float]]:
 
 
 def front_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
-    """Per-objective search scores (and test scores with the gap, when recorded) plus the recipe summary."""
+    """Per-objective search scores ± SE (confirmed ones, and test scores with the gap, when recorded) plus
+    the recipe summary."""
     names = objective_names(study)
     recorded = recorded_test_scores(study)
+    confirmed = confirmed_records(study)
     with_test = any(t.number in recorded for t in trials)
+    with_confirmed = any(t.number in confirmed for t in trials)
     table = Table(title=f"Pareto front of {study.study_name} ({len(trials)} trials)")
     table.add_column("trial", justify="right")
     for name in names:
         table.add_column(f"{name}\nsearch", justify="right")
+        if with_confirmed:
+            table.add_column(f"{name}\nconfirmed", justify="right")
         if with_test:
             table.add_column(f"{name}\ntest", justify="right")
             table.add_column("gap", justify="right")
@@ -176,8 +257,11 @@ def front_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
     for trial in trials:
         row = [str(trial.number) + (f" ({trial.user_attrs['baseline']})" if trial.user_attrs.get("baseline") else "")]
         test = recorded.get(trial.number, {})
-        for name, value in zip(names, trial.values):
-            row.append(f"{value:.4f}")
+        again = (confirmed.get(trial.number) or {}).get("scores", {})
+        for name, value, se in zip(names, trial.values, search_errors(study, trial)):
+            row.append(with_error(value, se))
+            if with_confirmed:
+                row.append(with_error(again[name]["score"], again[name].get("se")) if name in again else "–")
             if with_test:
                 test_value = test.get(name)
                 row.append("–" if test_value is None else f"{test_value:.4f}")

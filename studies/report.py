@@ -20,11 +20,14 @@ from mergetune.core.errors import MergetuneError
 from mergetune.core.fs import atomic_output_dir, check_output_dir
 from mergetune.studies.front import (
     best_vs_baselines,
+    confirmed_records,
     front_trials,
     objective_names,
     recipe_summary,
     recorded_test_scores,
+    search_errors,
     trial_recipe,
+    with_error,
 )
 
 log = logging.getLogger(__name__)
@@ -156,12 +159,19 @@ def _method_choices_plotly(complete: list[FrozenTrial]) -> object:
 
 def _html(study: optuna.Study, figures: list[tuple[str, object]], front: list[FrozenTrial], names: list[str], n: int) -> str:
     tests = recorded_test_scores(study)
-    head = "".join(f"<th>{html.escape(x)}</th>" for x in ["trial", *names, *(f"{x} (test)" for x in names), "recipe"])
+    confirmed = confirmed_records(study)
+    shown_confirmed = [f"{x} (confirmed)" for x in names] if any(t.number in confirmed for t in front) else []
+    head = "".join(
+        f"<th>{html.escape(x)}</th>" for x in ["trial", *names, *shown_confirmed, *(f"{x} (test)" for x in names), "recipe"]
+    )
     rows = []
     for trial in front:
         test = tests.get(trial.number, {})
+        again = confirmed.get(trial.number, {}).get("scores", {})
         cells = [str(trial.number) + (f" ({trial.user_attrs['baseline']})" if trial.user_attrs.get("baseline") else "")]
-        cells += [f"{v:.4f}" for v in trial.values]
+        cells += [with_error(v, se) for v, se in zip(trial.values, search_errors(study, trial))]
+        if shown_confirmed:
+            cells += [with_error(again[x]["score"], again[x].get("se")) if x in again else "–" for x in names]
         cells += [f"{test[x]:.4f}" if x in test else "–" for x in names]
         cells.append(recipe_summary(trial_recipe(trial)) if "recipe" in trial.user_attrs else "?")
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -178,6 +188,7 @@ def _html(study: optuna.Study, figures: list[tuple[str, object]], front: list[Fr
 <p>{n} trials; objectives: {html.escape(', '.join(names))}.</p>
 <p>{html.escape(best_vs_baselines(study) or "")}</p>
 <h2>Pareto-optimal trials</h2>
+<p>Search scores ± their standard error; confirmed: the run's end re-scored the top trials on more search items.</p>
 <table><tr>{head}</tr>{''.join(rows)}</table>
 {''.join(sections)}
 </body></html>

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.base import EvaluationFailed, HFBackend, build_evaluator, subset_indices
+from mergetune.evaluators.stderr import standard_error
 from mergetune.zoo.tokenizer import build_char_tokenizer
 
 LM_EVAL_CLI = Path(sys.executable).parent / "lm_eval"
@@ -255,13 +256,20 @@ def test_quick_reads_the_zoo_and_scores_each_split(zoo, quick_evaluator):
         quick_evaluator.evaluate(backend, split="train")
 
 
-def test_quick_agrees_with_lm_eval_on_the_same_items(zoo):
+def test_quick_agrees_with_lm_eval_on_the_same_items(zoo, lm_eval_evaluator):
     """Same task, items and greedy decoding: the quick evaluator's exact match is lm-eval's."""
     backend = fresh_backend(zoo / "base")
     quick = build_evaluator({"kind": "quick", "zoo": str(zoo)})
     lm_eval = build_evaluator({"kind": "lm_eval", "zoo": str(zoo)})
     for split in ("search", "test"):
         assert quick.evaluate(backend, split=split)["rev"] == lm_eval.evaluate(backend, split=split)["rev"]
+    # and so are the per-item scores behind the SE; perplexity is no mean of its items: no SE
+    quick_summary, lm_eval_summary = quick.summarise(backend)["rev"], lm_eval.summarise(backend)
+    assert lm_eval_summary["rev"] == quick_summary and quick_summary["items"] == ITEMS
+    assert quick_summary["se"] == pytest.approx(standard_error(quick.score_items(backend)["rev"]))
+    with_ppl = lm_eval_evaluator.summarise(backend)
+    assert with_ppl["ppl"]["se"] is None and with_ppl["ppl"]["score"] == lm_eval_evaluator.evaluate(backend)["ppl"]
+    assert with_ppl["rev"]["se"] is not None and with_ppl["rev"]["items"] == 8
 
 
 def test_quick_limit_is_a_fixed_seeded_subset(zoo):

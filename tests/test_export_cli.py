@@ -66,3 +66,22 @@ def test_recipe_and_mergekit_formats_of_the_picked_trial(tmp_path, stored):
     config = yaml.safe_load((out / "mergekit.yaml").read_text())
     assert config["merge_method"] == "linear" and [m["model"].rsplit("/", 1)[1] for m in config["models"]] == ["math", "code"]
     assert not (out / "recipe.yaml").exists()
+
+
+def test_export_best_is_the_trial_the_confirmation_picks_and_its_card_shows_both_scores(tmp_path, tiny_models):  # noqa: F811
+    from mergetune.studies.export import model_card
+    from mergetune.studies.front import CONFIRMED_ATTR_PREFIX, confirmation_candidates, pick_trial, trial_recipe
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = make_study(url, tiny_models, se=0.02)
+    inflated, runner_up = confirmation_candidates(study, 2)
+    for trial, shift in ((inflated, -0.3), (runner_up, 0.0)):
+        scores = {n: {"score": v + shift, "se": 0.01, "items": 64} for n, v in zip(["arith", "code"], trial.values)}
+        study.set_user_attr(f"{CONFIRMED_ATTR_PREFIX}{trial.number}", {"scores": scores, "limit": None})
+    out = tmp_path / "best"
+    assert _run(["export", "--study", "synthetic", "--storage", url, "--out", str(out), "--format", "recipe"]) == 0
+    assert Recipe.from_yaml(out / "recipe.yaml") == trial_recipe(runner_up)
+    assert pick_trial(study, "best").number == runner_up.number != inflated.number
+    card = model_card(study, runner_up, trial_recipe(runner_up))
+    assert f"| arith | {runner_up.values[0]:.4f} ± 0.0200 | {runner_up.values[0]:.4f} ± 0.0100 (64 items) | not scored |" in card

@@ -11,9 +11,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from mergetune.core.errors import ConfigError
+from mergetune.evaluators.stderr import item_summary, standard_error
 from mergetune.search.config import ObjectiveConfig, parse_study_config
 from mergetune.search.driver import run_study
-from mergetune.search.pruning import beaten_beyond_noise, first_stage_summary, standard_error
+from mergetune.search.pruning import beaten_beyond_noise
 
 import ray  # a runtime dependency: a missing Ray must fail, not skip
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers can't import tests/
@@ -63,7 +64,7 @@ def test_pruning_config_errors_are_one_line(tmp_path, pruning, evaluator, messag
 def test_standard_error_is_the_binomial_one_floored_at_one_item():
     assert standard_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
     assert standard_error([1.0] * 8) == 1 / 8 and standard_error([0.0] * 8) == 1 / 8
-    summary = first_stage_summary({"t": [1.0, 1.0, 0.0, 1.0] * 4})
+    summary = item_summary({"t": [1.0, 1.0, 0.0, 1.0] * 4})
     assert summary["t"] == {"score": 0.75, "se": pytest.approx(math.sqrt(0.75 * 0.25 / 16)), "items": 16}
 
 

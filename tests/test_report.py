@@ -69,3 +69,20 @@ def test_report_of_more_than_three_objectives_plots_every_pair(tmp_path):
     assert "every pair of objectives" in html and '"type":"splom"' in html.replace(" ", "")
     assert html.count('"type":"splom"') == 3  # trials, front, baselines
     assert {p.name for p in written} >= {"report.html", "pareto.png", "history.png", "methods.png"}
+
+
+def test_report_table_shows_search_scores_with_se_and_confirmed_scores(tmp_path):
+    from mergetune.studies.front import CONFIRMED_ATTR_PREFIX, front_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = make_study(url, MODELS, se=0.0321)
+    first = front_trials(study)[0]
+    scores = {n: {"score": 0.5, "se": 0.0123, "items": 64} for n in ("arith", "code")}
+    study.set_user_attr(f"{CONFIRMED_ATTR_PREFIX}{first.number}", {"scores": scores, "limit": None})
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--study", "synthetic", "--storage", url, "--out", str(tmp_path / "r")])
+    assert done.value.code == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert f"<td>{first.values[0]:.4f} ± 0.0321</td>" in html and "<th>arith (confirmed)</th>" in html
+    assert "<td>0.5000 ± 0.0123</td>" in html and "confirmed 0.5000 ± " in html

@@ -74,9 +74,10 @@ def linear_recipe(models: dict[str, str], w: float) -> Recipe:
 
 
 def make_study(
-    storage: str, models: dict[str, str], n_trials: int = 12, name: str = "synthetic", seed: int = 0
+    storage: str, models: dict[str, str], n_trials: int = 12, name: str = "synthetic", seed: int = 0, se: float | None = None
 ) -> optuna.Study:
-    """A two-objective study whose trials carry the search driver's user attrs (recipe, scores, baseline)."""
+    """A two-objective study whose trials carry the search driver's user attrs (recipe, scores, baseline;
+    with `se`, every score's standard error)."""
     study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "maximize"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -94,6 +95,8 @@ def make_study(
         scores = {"arith": w + 0.1 * rng.random(), "code": 1 - w + 0.1 * rng.random()}
         trial.set_user_attr("recipe", recipe.to_dict())
         trial.set_user_attr("scores", scores)
+        if se is not None:
+            trial.set_user_attr("score_se", {name: se for name in scores})
         trial.set_user_attr("timings", {"merge_s": 0.1, "eval_s": 0.2})
         if i < 2:
             trial.set_user_attr("baseline", ["uniform", "task_arithmetic"][i])

@@ -73,3 +73,25 @@ def test_status_lists_the_live_drivers_and_the_best_trial(tmp_path):
     assert "driver node-a pid 11: live, 2 in flight, last beat 2 s ago" in result.output
     assert "driver node-b pid 22: silent" in result.output and "node-c" not in result.output
     assert "best trial #1: weighted mean 0.4500" in " ".join(result.output.split())
+
+
+def test_status_shows_scores_with_their_se_and_the_confirmed_best(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="st", storage=url, directions=["maximize"])
+    study.set_user_attr(
+        "config",
+        {"study": "st", "models": {"base": "/b", "experts": {"x": "/x"}}, "evaluator": {"kind": "quick", "zoo": "/zoo"}, "budget": {"n_trials": 3}},
+    )
+    study.set_user_attr("objectives", [{"name": "acc", "direction": "maximize"}])
+    for value, se in ((0.8, 0.05), (0.7, 0.04), (0.6, 0.03)):
+        trial = study.ask()
+        trial.set_user_attr("score_se", {"acc": se})
+        study.tell(trial, [value])
+    # re-scored on more items: trial 0's 0.8 was noise, trial 1 holds
+    study.set_user_attr("confirmed:0", {"scores": {"acc": {"score": 0.62, "se": 0.02, "items": 400}}, "limit": None})
+    study.set_user_attr("confirmed:1", {"scores": {"acc": {"score": 0.69, "se": 0.02, "items": 400}}, "limit": None})
+    result = CliRunner().invoke(app, ["status", "--study", "st", "--storage", url])
+    assert result.exit_code == 0, result.output
+    assert "0.8000 ± 0.0500" in result.output and "0.6200 ± 0.0200" in result.output
+    text = " ".join(result.output.split())  # rich wraps the line at the terminal width
+    assert "best trial #1: weighted mean 0.7000 ± 0.0400 on the search split, confirmed 0.6900 ± 0.0200 on 400 items per task" in text
