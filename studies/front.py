@@ -191,7 +191,7 @@ def best_vs_baselines(study: optuna.Study) -> str | None:
     scored = best_scored(study)
     if scored is None:
         return None
-    best, _ = scored
+    best, picked_score = scored
     weights = configured_weights(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     baselines = [(scalarised(study, t, weights), t) for t in complete if t.user_attrs.get("baseline")]
@@ -201,8 +201,7 @@ def best_vs_baselines(study: optuna.Study) -> str | None:
     if record is not None:
         errors = [record["scores"][name].get("se") for name in objective_names(study)]
         items = sorted({record["scores"][name].get("items") for name in objective_names(study)} - {None})
-        score = scalarised(study, best, weights, confirmed_values(study, record))
-        line += f", confirmed {with_error(score, scalarised_error(study, errors, weights))}"
+        line += f", confirmed {with_error(picked_score, scalarised_error(study, errors, weights))}"
         line += f" on {'/'.join(map(str, items))} items per task" if items else ""
     if baselines:
         top_score, top = max(baselines, key=lambda pair: (pair[0], -pair[1].number))
