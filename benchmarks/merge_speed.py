@@ -72,7 +72,7 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int, seed: int) ->
 
 RESIDENT_METHODS = {  # the default search space's methods, at a density < 1 where they have one
     "linear": {},
-    "task_arithmetic": {"lambda": 0.8},
+    "task_arithmetic": {},
     "ties": {"density": 0.5},
     "dare_ties": {"density": 0.5},
     "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
@@ -82,8 +82,7 @@ RESIDENT_METHODS = {  # the default search space's methods, at a density < 1 whe
 
 
 def rules(method: str) -> dict:
-    params = RESIDENT_METHODS.get(method, {}) if method != "task_arithmetic" else {}
-    return {"method": method, "params": params}
+    return {"method": method, "params": RESIDENT_METHODS.get(method, {})}
 
 
 def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
