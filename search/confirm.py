@@ -23,6 +23,7 @@ from rich.console import Console
 from mergetune.evaluators.config import LmEvalConfig, validate_evaluator_config
 from mergetune.search.config import StudyConfig
 from mergetune.search.pool import WorkerPool
+from mergetune.search.ray_errors import worker_error_message
 from mergetune.search.stopping import StopSignals
 from mergetune.studies.front import CONFIRMED_ATTR_PREFIX, confirmation_candidates, confirmed_records, trial_recipe, with_error
 from mergetune.studies.storage import StorageRetry
@@ -92,9 +93,9 @@ def confirm_top_trials(
                     result = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     pool.replace(slot)
-                    result = {"error": f"worker died: {str(exc).splitlines()[0]}"}
+                    result = {"error": f"worker died: {worker_error_message(exc)}"}
                 except ray.exceptions.RayTaskError as exc:
-                    result = {"error": f"worker error: {str(exc).splitlines()[0]}"}
+                    result = {"error": f"worker error: {worker_error_message(exc)}"}
                 if "error" in result:
                     log.warning("trial %d was not confirmed: %s", trial.number, result["error"])
                     continue

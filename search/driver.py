@@ -52,6 +52,7 @@ from mergetune.search.confirm import confirm_top_trials
 from mergetune.search.liveness import Heartbeat, Liveness, driver_records
 from mergetune.search.pool import WorkerPool, check_local_gpus, connect_ray, resolve_objectives, wait_for_resources
 from mergetune.search.pruning import beaten_beyond_noise, make_pruner
+from mergetune.search.ray_errors import worker_error_message
 from mergetune.search.samplers import make_sampler
 from mergetune.search.space import SearchSpace
 from mergetune.search.stopping import RunInterrupted, StopSignals
@@ -189,12 +190,12 @@ class Driver:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self.pool.replace(job.slot)
-            self._fail(trial, f"worker died: {str(exc).splitlines()[0]}")
+            self._fail(trial, f"worker died: {worker_error_message(exc)}")
             if "retry_of" not in trial.user_attrs:
                 enqueue_retry(self.study, self.storage, trial)
             return job.slot
         except ray.exceptions.RayTaskError as exc:
-            self._fail(trial, f"worker error: {str(exc).splitlines()[0]}")
+            self._fail(trial, f"worker error: {worker_error_message(exc)}")
             return job.slot
         if job.stage == 2:  # the first stage's timings come first
             result["timings"] = {**trial.user_attrs.get("timings", {}), **result.get("timings", {})}

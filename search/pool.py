@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mergetune.core.errors import ConfigError, MergetuneError
 from mergetune.search.config import ObjectiveConfig, StudyConfig
+from mergetune.search.ray_errors import worker_error_message
 
 
 def visible_gpus() -> int:
@@ -131,7 +132,7 @@ def resolve_objectives(config: StudyConfig, pool: WorkerPool) -> list[ObjectiveC
     try:
         reported = ray.get(pool.actors[0].objectives.remote())
     except ray.exceptions.RayActorError as exc:
-        raise MergetuneError(f"the first worker failed to start: {exc}") from None
+        raise MergetuneError(f"the first worker failed to start: {worker_error_message(exc)}") from None
     if config.objectives is None:
         return [ObjectiveConfig(name=name, direction=direction) for name, direction in reported]
     names = [name for name, _ in reported]

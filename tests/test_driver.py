@@ -153,6 +153,33 @@ def test_failed_and_nan_trials_are_failed_with_a_reason_and_do_not_count(ray_ses
     assert "RuntimeError: merge exploded" in reasons and "non-finite score" in reasons
 
 
+class BrokenStartWorker(FakeWorker):
+    def __init__(self, config_json):
+        raise ConfigError("evaluator: cannot read /zoo/tasks/sort/search.jsonl (No such file or directory)")
+
+
+class RaisingWorker(FakeWorker):
+    def run(self, recipe, seed):
+        raise KeyError("model.layers.0.mlp.up_proj.weight")
+
+
+def test_a_worker_that_cannot_start_is_the_user_error_s_one_line(ray_session, tmp_path):
+    with pytest.raises(MergetuneError) as raised:
+        run_study(study_config(tmp_path, "broken", 2, workers=1), console=quiet(), worker_cls=BrokenStartWorker)
+    assert str(raised.value) == (
+        "the first worker failed to start: evaluator: cannot read /zoo/tasks/sort/search.jsonl (No such file or directory)"
+    )
+
+
+def test_a_trial_whose_worker_raised_fails_with_the_exception_not_ray_s_process_line(ray_session, tmp_path):
+    config = study_config(tmp_path, "raising", 2, workers=1, warm_start=False, budget={"n_trials": 2, "max_consecutive_failures": 2})
+    with pytest.raises(MergetuneError, match="stopped after 2 failed trials in a row"):
+        run_study(config, console=quiet(), worker_cls=RaisingWorker)
+    study = open_study("raising", config.storage)
+    reasons = {t.user_attrs.get("fail_reason") for t in study.get_trials(states=(TrialState.FAIL,))}
+    assert reasons == {"worker error: KeyError: 'model.layers.0.mlp.up_proj.weight'"}
+
+
 def test_worker_kill_fails_its_trial_retries_it_once_and_the_study_completes(ray_session, tmp_path):
     marker = tmp_path / "died"
 
