@@ -17,6 +17,8 @@ from mergetune.merge.dataflow import MERGED, DataflowPath, DataflowSlot
 from mergetune.search.config import StudyConfig
 
 SKIP = "skip"
+# What evaluators/dataflow_model.py can assemble (pre-norm blocks whose attention keys the KV cache by layer_idx).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 PREFIX = "dfs"
 
 
@@ -27,8 +29,13 @@ def slot_param(slot: int, what: str) -> str:
 class DataflowSpace:
     """Suggests a path; turns a model's identity path into trial params (warm start)."""
 
-    def __init__(self, config: StudyConfig, num_layers: int) -> None:
+    def __init__(self, config: StudyConfig, num_layers: int, architecture: str) -> None:
         assert config.models is not None
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"search.space: {config.search.space}: data-flow paths support Llama decoders ({', '.join(SUPPORTED_ARCHITECTURES)}), "
+                f"not {architecture}; use `search.space: parameter`"
+            )
         dataflow = config.search.dataflow
         self.num_layers = num_layers
         self.slots = dataflow.slots if dataflow.slots is not None else num_layers

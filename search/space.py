@@ -109,7 +109,7 @@ class SearchSpace:
         self.methods = self._allowed_methods(self.search.methods, stats)
         self._check_against_methods()
         structure = structure if structure is not None else base_structure(config.models.base)
-        self.dataflow = DataflowSpace(config, structure.num_layers) if self.search.space != "parameter" else None
+        self.dataflow = DataflowSpace(config, structure.num_layers, structure.architecture) if self.search.space != "parameter" else None
         # The dataflow space alone merges nothing: no layer groups, no recipe rules.
         self.groups = [] if self.search.space == "dataflow" else layer_groups(
             structure, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
