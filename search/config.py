@@ -75,12 +75,6 @@ class DataflowConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    space: Literal["parameter", "dataflow", "both"] = Field(
-        default="parameter",
-        description="parameter: per-layer merge recipes; dataflow: layer paths through base and experts (Sakana's DFS); "
-        "both: a merge recipe and a path that may also use its layers (PS+DFS)",
-    )
-    dataflow: DataflowConfig = Field(default_factory=DataflowConfig)
     layer_groups: int = Field(default=4, ge=1, description="G: consecutive transformer layers split into G groups")
     split_attention_mlp: bool = Field(default=False, description="attention and MLP of a group choose separately")
     separate_embeddings: bool = Field(
@@ -97,6 +91,12 @@ class SearchConfig(_Strict):
         default_factory=lambda: ["density"], description="per-model params searched with one value per expert"
     )
     shared: list[str] = Field(default_factory=list, description="params (or `weight`) shared by all groups")
+    space: Literal["parameter", "dataflow", "both"] = Field(
+        default="parameter",
+        description="parameter: per-layer merge recipes; dataflow: layer paths through base and experts (Sakana's DFS); "
+        "both: a merge recipe and a path that may also use its layers (PS+DFS)",
+    )
+    dataflow: DataflowConfig = Field(default_factory=DataflowConfig)
 
     @field_validator("ranges")
     @classmethod
