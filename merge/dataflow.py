@@ -8,7 +8,7 @@
 
 Slot t computes h_{t+1} = layer(s_t · h_t): the scale multiplies the whole hidden state entering the
 slot's layer (residual included), as Sakana's W. Embeddings, final norm and head are the live
-model's (the base's for a path without `merged`, else the merge's). Pure data: torch-free.
+model's: the base's for a recipe without rules (space `dataflow`), else the merge's. Torch-free.
 
 `folded_divisors` gives the exact rewrite of a scaled path into a plain model: with C_t = s_0·…·s_t,
 y_t = h_t / C_{t-1} follows y_{t+1} = y_t + Δ'_t(y_t), where Δ'_t is layer t with its residual-branch

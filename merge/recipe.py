@@ -210,6 +210,8 @@ class Recipe(BaseModel):
         if not self.rules and (self.dataflow is None or MERGED in self.dataflow.sources):
             raise ValueError("rules: give at least one rule")
         if self.dataflow is not None:
+            if MERGED in self.models:
+                raise ValueError(f"models: {MERGED!r} names the parameter-space merge in a dataflow path; rename that model")
             unknown = sorted(self.dataflow.sources - {*self.models, MERGED})
             if unknown:
                 raise ValueError(f"dataflow: source {unknown[0]!r} is not one of models ({', '.join(self.models)}) or {MERGED}")

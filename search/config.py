@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind, checked_limit
+from mergetune.merge.dataflow import MERGED
 from mergetune.merge.domains import param_domain
 from mergetune.merge.vocabulary import TokenizerSpec
 from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
@@ -292,6 +293,8 @@ class StudyConfig(_Strict):
         if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
         if self.search.space != "parameter":
+            if MERGED in self.models.experts:
+                raise ValueError(f"experts: {MERGED!r} names the parameter-space merge in data-flow paths; call the expert something else")
             if getattr(self.evaluator, "backend", None) == "vllm":
                 raise ValueError(
                     f"search.space: {self.search.space} changes the layer count per trial, which a running vLLM engine "

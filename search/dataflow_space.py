@@ -1,7 +1,8 @@
 """The data-flow space: an Optuna trial → a DataflowPath of T slots (define-by-run, stable names).
 
-    dfs.s3.source   categorical: base, each expert, `merged` (space `both`), `skip` (with `dataflow.skips`)
-    dfs.s3.layer    int in [0, L-1]: the source's decoder layer (not suggested for a skipped slot)
+    dfs.s3.skip     categorical [false, true] (with `dataflow.skips`; slot 0 is always kept, so no path is empty)
+    dfs.s3.source   categorical: base, each expert, `merged` (space `both`); not suggested for a skipped slot
+    dfs.s3.layer    int in [0, L-1]: the source's decoder layer
     dfs.s3.scale    float in `dataflow.scale` (not suggested when the range is one value)
 
 T is `search.dataflow.slots` (default L, the base's layer count; at most 2L). Warm starts are paths
@@ -16,7 +17,6 @@ from mergetune.core.errors import ConfigError
 from mergetune.merge.dataflow import MERGED, DataflowPath, DataflowSlot
 from mergetune.search.config import StudyConfig
 
-SKIP = "skip"
 # What evaluators/dataflow_model.py can assemble (pre-norm blocks whose attention keys the KV cache by layer_idx).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 PREFIX = "dfs"
@@ -47,7 +47,6 @@ class DataflowSpace:
         self.skips = dataflow.skips
         models = ["base", *config.models.experts]
         self.sources = [MERGED, *models] if config.search.space == "both" else models
-        self.choices = [*self.sources, SKIP] if self.skips else list(self.sources)
 
     @property
     def scaled(self) -> bool:
@@ -56,24 +55,26 @@ class DataflowSpace:
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         out: dict[str, optuna.distributions.BaseDistribution] = {}
         for t in range(self.slots):
-            out[slot_param(t, "source")] = optuna.distributions.CategoricalDistribution(self.choices)
+            if self.skippable(t):
+                out[slot_param(t, "skip")] = optuna.distributions.CategoricalDistribution([False, True])
+            out[slot_param(t, "source")] = optuna.distributions.CategoricalDistribution(self.sources)
             out[slot_param(t, "layer")] = optuna.distributions.IntDistribution(0, self.num_layers - 1)
             if self.scaled:
                 out[slot_param(t, "scale")] = optuna.distributions.FloatDistribution(*self.scale)
         return out
 
+    def skippable(self, slot: int) -> bool:
+        return self.skips and slot > 0
+
     def path(self, trial: optuna.Trial) -> DataflowPath:
-        """The trial's path; a ValueError (the trial fails as an invalid recipe) when every slot is skipped."""
         slots = []
         for t in range(self.slots):
-            source = trial.suggest_categorical(slot_param(t, "source"), self.choices)
-            if source == SKIP:
+            if self.skippable(t) and trial.suggest_categorical(slot_param(t, "skip"), [False, True]):
                 continue
+            source = trial.suggest_categorical(slot_param(t, "source"), self.sources)
             layer = trial.suggest_int(slot_param(t, "layer"), 0, self.num_layers - 1)
             scale = trial.suggest_float(slot_param(t, "scale"), *self.scale) if self.scaled else self.scale[0]
             slots.append(DataflowSlot(source=source, layer=layer, scale=scale))
-        if not slots:
-            raise ValueError("the data-flow path skips every slot")
         return DataflowPath(slots=slots)
 
     def identity_params(self, source: str) -> dict[str, object]:
@@ -89,8 +90,9 @@ class DataflowSpace:
             raise ValueError(f"every scale is {self.scale[0]:g}, not 1")
         params: dict[str, object] = {}
         for t in range(self.slots):
+            if self.skippable(t):
+                params[slot_param(t, "skip")] = t >= self.num_layers
             if t >= self.num_layers:
-                params[slot_param(t, "source")] = SKIP
                 continue
             params[slot_param(t, "source")] = source
             params[slot_param(t, "layer")] = t

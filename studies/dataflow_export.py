@@ -3,9 +3,9 @@
 The model has one decoder layer per path slot (`num_hidden_layers` = T'), renamed to its slot,
 with the scales folded in (merge/dataflow.py: o_proj and down_proj of slot t divided by
 C_t = s_0·…·s_t), so `AutoModelForCausalLM.from_pretrained` runs the path with no custom code.
-Embeddings, final norm, head, config and tokenizer are the live source's: the base for a path
-without `merged`, else the parameter-space merge of the recipe (merged first, into a scratch
-directory). Mergekit's passthrough reads embeddings from the first slice's model and the head from
+Embeddings, final norm, head, config and tokenizer are the live model's: the base for a recipe
+without rules (space `dataflow`), else the parameter-space merge of the recipe (merged first, into a
+scratch directory), as on the worker. Mergekit's passthrough reads embeddings from the first slice's model and the head from
 the last's, so its config is written only when every scale is 1 and both ends are that source.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mergetune.core.errors import MergetuneError
-from mergetune.merge.dataflow import MERGED, DataflowPath
+from mergetune.merge.dataflow import MERGED
 from mergetune.merge.recipe import Recipe, layer_index
 
 # Llama's residual-branch outputs: what folding a slot's scale divides.
@@ -28,9 +28,9 @@ _BRANCH_OUTPUT = re.compile(r"\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
-def live_source(path: DataflowPath) -> str:
-    """The model whose embeddings, norm and head the path runs with."""
-    return MERGED if MERGED in path.sources else "base"
+def live_source(recipe: Recipe) -> str:
+    """The model whose embeddings, norm and head the path runs with: the merge when the recipe merges."""
+    return MERGED if recipe.rules else (recipe.base or "base")
 
 
 def _renamed(name: str, slot: int) -> str:
@@ -66,12 +66,12 @@ def write_path_model(recipe: Recipe, out: Path, device: str = "cpu") -> None:
         raise MergetuneError("this recipe has no dataflow path")
     with tempfile.TemporaryDirectory(prefix="mergetune-dfs-", dir=out.parent) as scratch:
         dirs = {name: Path(model) for name, model in recipe.models.items()}
-        if MERGED in path.sources:
+        if recipe.rules:
             from mergetune.merge.engine import merge_recipe_to_dir
 
             dirs[MERGED] = Path(scratch) / "merged"
             merge_recipe_to_dir(recipe.model_copy(update={"dataflow": None}), dirs[MERGED], seed=recipe.seed, device=device)
-        live = dirs[live_source(path)]
+        live = dirs[live_source(recipe)]
         files = {name: _read_checkpoint(d)[0] for name, d in dirs.items() if name in path.sources or d == live}
         live_files, metadata = _read_checkpoint(live)
         tensors: dict[str, torch.Tensor] = {}
@@ -100,11 +100,13 @@ def write_path_model(recipe: Recipe, out: Path, device: str = "cpu") -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def passthrough_problem(path: DataflowPath) -> str | None:
-    """Why mergekit's passthrough cannot express the path, or None."""
+def passthrough_problem(recipe: Recipe) -> str | None:
+    """Why mergekit's passthrough cannot express the recipe's path, or None."""
+    path = recipe.dataflow
+    assert path is not None
     if not path.unscaled:
         return "the path scales hidden states, which mergekit's passthrough cannot (the model directory folds them in)"
-    runs, live = path.runs(), live_source(path)
+    runs, live = path.runs(), live_source(recipe)
     if runs[0][0] != live or runs[-1][0] != live:
         return (
             f"the path starts or ends in another model than {live}, and mergekit's passthrough takes the embeddings from the "
@@ -115,10 +117,10 @@ def passthrough_problem(path: DataflowPath) -> str | None:
 
 def passthrough_config(recipe: Recipe, ps_config: dict | list[dict] | None, dtype: str) -> dict | list[dict]:
     """The path as mergekit `passthrough` slices; with `merged` slots, the last document of a mergekit-multi set
-    whose earlier documents (`ps_config`, the recipe's own mergekit config) build `merged`."""
+    whose earlier documents (`ps_config`, the recipe's mergekit config without the path) build `merged`."""
     path = recipe.dataflow
     assert path is not None
-    problem = passthrough_problem(path)
+    problem = passthrough_problem(recipe)
     if problem is not None:
         raise MergetuneError(problem)
 
@@ -133,7 +135,7 @@ def passthrough_config(recipe: Recipe, ps_config: dict | list[dict] | None, dtyp
         "slices": [{"sources": [{"model": model(source), "layer_range": [start, stop]}]} for source, start, stop in path.runs()],
         "dtype": dtype,
     }
-    if MERGED not in path.sources:
+    if not recipe.rules:
         return doc
     if ps_config is None:
         raise MergetuneError("the parameter-space merge of this recipe has no mergekit config")

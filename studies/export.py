@@ -85,14 +85,13 @@ def _mergekit_text(recipe: Recipe) -> str:
     if recipe.dataflow is None:
         layout = ModelLayout.from_recipe(recipe)
         return mergekit_yaml(recipe, recipe_to_mergekit(recipe, layout), layout)
-    from mergetune.merge.dataflow import MERGED
     from mergetune.studies.dataflow_export import passthrough_config, passthrough_problem
 
-    problem = passthrough_problem(recipe.dataflow)
+    problem = passthrough_problem(recipe)
     if problem is not None:
         raise MergetuneError(problem)
     merged = recipe.model_copy(update={"dataflow": None})
-    if MERGED in recipe.dataflow.sources:
+    if recipe.rules:
         layout = ModelLayout.from_recipe(merged)
         ps_config = recipe_to_mergekit(merged, layout)
         dtype = layout.out_dtype

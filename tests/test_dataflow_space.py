@@ -13,7 +13,7 @@ from mergetune.search.config import parse_study_config
 from mergetune.search.space import SearchSpace
 from mergetune.search.warmstart import baseline_params
 
-EXPERTS = {"math": "/m", "code": "/c"}
+EXPERTS = {"math": "/m", "code": "/c", "skip": "/s"}  # an expert may be called anything but base and merged
 
 
 def data(space: str, **dataflow) -> dict:
@@ -37,7 +37,8 @@ def test_dataflow_trials_are_valid_paths_with_stable_names_and_no_merge():
         trial = study.ask()
         recipe = space.recipe(trial)
         assert recipe.rules == [] and recipe.dataflow is not None
-        kept = [t for t in range(6) if trial.params[f"dfs.s{t}.source"] != "skip"]
+        kept = [t for t in range(6) if not trial.params.get(f"dfs.s{t}.skip", False)]
+        assert "dfs.s0.skip" not in trial.params and all(f"dfs.s{t}.source" not in trial.params for t in set(range(6)) - set(kept))
         assert [s.source for s in recipe.dataflow.slots] == [trial.params[f"dfs.s{t}.source"] for t in kept]
         assert [s.layer for s in recipe.dataflow.slots] == [trial.params[f"dfs.s{t}.layer"] for t in kept]
         assert all(0 <= s.layer < 4 and 0.5 <= s.scale <= 1.5 for s in recipe.dataflow.slots)
@@ -46,7 +47,7 @@ def test_dataflow_trials_are_valid_paths_with_stable_names_and_no_merge():
         sources |= recipe.dataflow.sources
         lengths.add(len(recipe.dataflow.slots))
         study.tell(trial, 0.0)
-    assert sources == {"base", "math", "code"} and len(lengths) > 1
+    assert sources == {"base", "math", "code", "skip"} and len(lengths) > 1
     assert not any(name.startswith("g0.") for name in space.distributions())
 
 
@@ -55,7 +56,8 @@ def test_both_searches_the_recipe_and_a_path_that_may_use_the_merge():
     names = space.distributions()
     assert "g0.method" in names and "dfs.s3.source" in names and "dfs.s0.scale" not in names
     assert "dfs.s4.source" not in names  # T defaults to the base's layer count
-    assert names["dfs.s0.source"].choices == ("merged", "base", "math", "code")
+    assert names["dfs.s0.source"].choices == ("merged", "base", "math", "code", "skip")
+    assert not any(name.startswith("dfs.") and name.endswith(".skip") for name in names)
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1)).ask()
     recipe = space.recipe(trial)
     assert recipe.rules and len(recipe.dataflow.slots) == 4 and recipe.dataflow.unscaled
@@ -63,7 +65,7 @@ def test_both_searches_the_recipe_and_a_path_that_may_use_the_merge():
 
 def test_warm_starts_are_each_models_own_path_and_in_both_each_classic_over_its_merge():
     dataflow = dict(baseline_params(space_of("dataflow", slots=5)))
-    assert sorted(dataflow) == ["path_base", "path_code", "path_math"]
+    assert sorted(dataflow) == ["path_base", "path_code", "path_math", "path_skip"]
     study = optuna.create_study()
     study.enqueue_trial(dataflow["path_math"])
     recipe = space_of("dataflow", slots=5).recipe(study.ask())
@@ -104,6 +106,13 @@ def test_too_many_slots_and_other_architectures_are_refused_in_one_line():
     config = parse_study_config(data("dataflow"), "test")
     with pytest.raises(ConfigError, match="data-flow paths support Llama decoders .* not GPTNeoXForCausalLM"):
         SearchSpace(config, structure=tiny_structure("gpt_neox"))
+
+
+def test_an_expert_called_merged_is_refused_for_data_flow_spaces():
+    named = data("both") | {"models": {"base": "/b", "experts": {"merged": "/m", "code": "/c"}}}
+    with pytest.raises(ConfigError, match="experts: 'merged' names the parameter-space merge"):
+        parse_study_config(named, "study.yaml")
+    parse_study_config(named | {"search": {"space": "parameter"}}, "study.yaml")
 
 
 def test_vllm_and_a_merged_vocabulary_are_refused_at_config_time():
