@@ -118,3 +118,22 @@ def test_mergekit_passthrough_builds_the_exported_model(model_dirs, tmp_path):
     assert set(theirs) == set(mine)
     for name, value in mine.items():
         assert torch.equal(theirs[name], value), name
+
+
+def test_mergetune_merge_of_an_exported_recipe_writes_the_path_model(model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from mergetune.cli.main import main
+
+    recipe = Recipe(models=model_dirs, base="base", rules=[], dataflow=SCALED)
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    write_path_model(recipe, direct)
+    with pytest.raises(SystemExit) as done:
+        main(["merge", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "cli")])
+        raise SystemExit(0)
+    assert done.value.code == 0
+    ours, cli = load_file(direct / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
+    assert set(ours) == set(cli) and all(torch.equal(ours[n], cli[n]) for n in ours)
+    assert len({n for n in cli if ".layers." in n and n.endswith("o_proj.weight")}) == len(SCALED.slots)
