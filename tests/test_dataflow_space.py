@@ -140,3 +140,14 @@ def test_path_summary_and_folded_divisors():
     assert path.summary() == "dfs: 3 slots, 2 from base, 1 from math, scales 0.25–2.00"
     assert path.folded_divisors() == [2.0, 0.5, 0.5]
     assert path.runs() == [("base", 0, 1), ("math", 1, 2), ("base", 1, 2)]
+
+
+def test_summaries_show_the_path_and_the_method_chart_only_the_rules():
+    from mergetune.studies.front import recipe_summary, rule_parts
+
+    path = DataflowPath(slots=[DataflowSlot(source="base", layer=0), DataflowSlot(source="sort", layer=1), DataflowSlot(source="sort", layer=1)])
+    models = {"base": "/b", "sort": "/s"}
+    assert recipe_summary(Recipe(models=models, base="base", rules=[], dataflow=path)) == "dfs: 3 slots, 2 from sort, 1 from base"
+    both = Recipe(models=models, base="base", rules=[{"method": "linear"}], dataflow=path)
+    assert recipe_summary(both) == "rest linear · dfs: 3 slots, 2 from sort, 1 from base"
+    assert rule_parts(both) == ["rest linear"]
