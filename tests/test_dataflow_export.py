@@ -137,3 +137,28 @@ def test_mergetune_merge_of_an_exported_recipe_writes_the_path_model(model_dirs,
     ours, cli = load_file(direct / "model.safetensors"), load_file(tmp_path / "cli" / "model.safetensors")
     assert set(ours) == set(cli) and all(torch.equal(ours[n], cli[n]) for n in ours)
     assert len({n for n in cli if ".layers." in n and n.endswith("o_proj.weight")}) == len(SCALED.slots)
+
+
+def test_mergekit_multi_builds_a_both_path_over_its_merge(model_dirs, tmp_path):
+    """In `both`, mergekit.yaml is a mergekit-multi set: the PS merge named `merged`, then the passthrough slices."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    rules = [{"match": "*", "method": "linear", "weights": {"math": 1.0}}]
+    unscaled = path(("merged", 0, 1.0), ("base", 1, 1.0), ("merged", 1, 1.0), ("merged", 2, 1.0))
+    recipe = Recipe(models=model_dirs, base="base", rules=rules, dtype="float32", dataflow=unscaled)
+    (tmp_path / "mergekit.yaml").write_text(_mergekit_text(recipe))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_path_model(recipe, ours)
+    multi = Path(sys.executable).parent / "mergekit-multi"
+    subprocess.run([str(multi), "mergekit.yaml", "--intermediate-dir", "./intermediate", "--out-path", "./merged"], cwd=tmp_path, check=True, capture_output=True)
+    theirs = {}
+    for file in (tmp_path / "merged").glob("*.safetensors"):
+        theirs.update(load_file(file))
+    mine = load_file(ours / "model.safetensors")
+    assert set(theirs) == set(mine)
+    for name, value in mine.items():
+        torch.testing.assert_close(theirs[name], value, msg=name)
