@@ -29,6 +29,14 @@ def register(app: typer.Typer) -> None:
 
         check_output_dir(out, force)
         parsed = load_recipe(recipe)
+        if parsed.dataflow is not None:  # a data-flow path: its folded model (studies/dataflow_export.py)
+            from mergetune.core.fs import atomic_output_dir
+            from mergetune.studies.dataflow_export import write_path_model
+
+            with atomic_output_dir(out, force=force) as tmp:
+                write_path_model(parsed, tmp, device=device)
+            console.print(f"wrote the {len(parsed.dataflow.slots)}-layer data-flow path model into {out}", markup=False)
+            return
         timings = merge_recipe_to_dir(
             parsed, out, seed=seed, device=device, force=force, progress=True,
             max_shard_bytes=int(shard_gb * 1024**3), strict=strict,

@@ -29,6 +29,7 @@ from mergetune.merge.kernels import kernels_for
 from mergetune.merge.method_memory import method_peak_buffers
 from mergetune.merge.methods import get_method
 from mergetune.merge.modelset import ModelSet
+from mergetune.merge.recipe import layer_index
 from mergetune.merge.placement import PIECE_BYTES, SLAB_BYTES, Placement, stored_entries
 from mergetune.merge.resident import chunk_elements, largest_stat, largest_tensor, workspace_roles
 from mergetune.merge.ruleplan import stat_kinds
@@ -70,6 +71,7 @@ class Engine:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     tensor_parallel_size: int = 1
+    dataflow_models: int = 0  # models whose decoder layers a dataflow worker holds next to the live model (HF only)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class _Inputs:
     stats_bytes: int  # statistics entries, as stored (rank-1 files: row and column sums)
     base_elements: int
     base_bytes: int
+    base_layer_bytes: int  # the base's decoder layers, as stored
     largest_name: str
     largest_elements: int
     largest_dtype: torch.dtype
@@ -188,6 +191,7 @@ class _Inputs:
             stats_bytes=stats_bytes,
             base_elements=sum(info.numel for info in ref.infos.values()),
             base_bytes=sum(info.nbytes for info in ref.infos.values()),
+            base_layer_bytes=sum(info.nbytes for name, info in ref.infos.items() if layer_index(name) is not None),
             largest_name=name,
             largest_elements=elements,
             largest_dtype=ref.infos[name].dtype,
@@ -338,6 +342,14 @@ class _Context:
             return _vllm_minimum(self.inputs, self.engine, itemsize)
         return self.engine_weights() + self.hf_activations()
 
+    def dataflow_layers(self) -> int:
+        """The decoder layers of a dataflow study's source models, resident next to the live model."""
+        size = self.engine_itemsize
+        per_model = self.inputs.base_layer_bytes
+        if size is not None:
+            per_model = per_model * size // max(self.inputs.base_bytes // max(self.inputs.base_elements, 1), 1)
+        return self.engine.dataflow_models * per_model
+
     def hf_activations(self) -> int:
         """Activations of one HF scoring batch next to the live model (estimate)."""
         return self.engine_weights() // 10 + GiB // 4
@@ -379,6 +391,7 @@ class _Context:
             "process": WORKER_PROCESS_BYTES["cpu"],
             "engine": self.engine_weights(),
             "eval_activations": self.hf_activations(),
+            "dataflow_layers": self.dataflow_layers(),
             "resident_inputs": all_inputs if placement == "device" else 0,
             "workspace": self.workspace,
             "row_ranks": self.device_statistics(placement),
@@ -433,7 +446,7 @@ class _Context:
             engine = max(int(utilization * gpu), minimum)  # below its minimum vLLM cannot start: count what it needs
             worker = {"engine": engine, **ours}
         else:
-            worker = {"engine": self.engine_weights(), "eval_activations": self.hf_activations(), **ours}
+            worker = {"engine": self.engine_weights(), "eval_activations": self.hf_activations(), "dataflow_layers": self.dataflow_layers(), **ours}
         plan = MemoryPlan(
             True, placement, requested, None, worker, node, m, utilization, set_by_plan, inputs=self._common(), workspace=self.per_method
         )

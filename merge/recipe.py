@@ -38,6 +38,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from mergetune.core.config import load_yaml_model, validate_model
 from mergetune.core.errors import ConfigError
+from mergetune.merge.dataflow import MERGED, DataflowPath
 from mergetune.merge.domains import rule_problem
 from mergetune.merge.methods import get_method
 from mergetune.merge.vocabulary import TokenizerSpec
@@ -179,7 +180,7 @@ class Recipe(BaseModel):
 
     models: dict[str, str] = Field(description="model name → local directory (or hub id)")
     base: str | None = Field(default=None, description="name of the base model in `models`")
-    rules: list[Rule] = Field(min_length=1)
+    rules: list[Rule] = Field(description="the parameter-space merge; empty only for a data-flow path without `merged`")
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="output dtype (default: the base model's)"
@@ -192,6 +193,9 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSpec | None = Field(
         default=None, description="merge models whose vocabularies differ by token: source base, union or a model's name"
     )
+    dataflow: DataflowPath | None = Field(
+        default=None, description="the layers a token passes through (merge/dataflow.py); null: the merged model's own"
+    )
 
     @property
     def experts(self) -> list[str]:
@@ -203,6 +207,14 @@ class Recipe(BaseModel):
         if self.base is not None and self.base not in self.models:
             raise ValueError(f"base {self.base!r} is not one of models ({', '.join(self.models)})")
         experts = self.experts
+        if not self.rules and (self.dataflow is None or MERGED in self.dataflow.sources):
+            raise ValueError("rules: give at least one rule")
+        if self.dataflow is not None:
+            if MERGED in self.models:
+                raise ValueError(f"models: {MERGED!r} names the parameter-space merge in a dataflow path; rename that model")
+            unknown = sorted(self.dataflow.sources - {*self.models, MERGED})
+            if unknown:
+                raise ValueError(f"dataflow: source {unknown[0]!r} is not one of models ({', '.join(self.models)}) or {MERGED}")
         if self.tokenizer is not None and self.tokenizer.source not in ("base", "union", *self.models):
             raise ValueError(f"tokenizer.source: {self.tokenizer.source!r} is not base, union or one of models ({', '.join(self.models)})")
         for kind in ("moments", "fisher", "gram"):

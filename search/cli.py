@@ -108,7 +108,7 @@ def status(
 
     from mergetune.search.bookkeeping import stored_config
     from mergetune.search.liveness import driver_records
-    from mergetune.studies.front import best_vs_baselines, confirmed_records, objective_names, search_errors, with_error
+    from mergetune.studies.front import best_vs_baselines, confirmed_records, objective_names, search_errors, trial_recipe, with_error
     from mergetune.studies.store import open_study
 
     loaded = open_study(study, storage)
@@ -138,7 +138,8 @@ def status(
         )
     confirmed = confirmed_records(loaded)
     table = Table(title="best per objective (search score ± SE)")
-    for column in ("objective", "best", "trial", "baseline", *(["confirmed"] if confirmed else [])):
+    paths = cfg.search.space != "parameter"
+    for column in ("objective", "best", "trial", "baseline", *(["confirmed"] if confirmed else []), *(["path"] if paths else [])):
         table.add_column(column)
     for i, name in enumerate(names):
         if not done:
@@ -149,6 +150,9 @@ def status(
         if confirmed:
             again = confirmed.get(best.number, {}).get("scores", {}).get(name)
             row.append("–" if again is None else with_error(again["score"], again.get("se")))
+        if paths:
+            path = trial_recipe(best).dataflow if "recipe" in best.user_attrs else None
+            row.append(path.summary() if path is not None else "–")
         table.add_row(*row)
     console.print(table)
     line = best_vs_baselines(loaded)

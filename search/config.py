@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mergetune.core.config import keyed_error, load_yaml, validate_model
 from mergetune.core.errors import ConfigError
 from mergetune.evaluators.config import EvaluatorConfig, check_evaluator_kind, checked_limit
+from mergetune.merge.dataflow import MERGED
 from mergetune.merge.domains import param_domain
 from mergetune.merge.vocabulary import TokenizerSpec
 from mergetune.search.params import DEFAULT_RANGES, PER_EXPERT_PARAMS, WEIGHT, methods_searching, searched_names, split_qualified
@@ -57,6 +58,23 @@ class ModelsConfig(_Strict):
         return self
 
 
+class DataflowConfig(_Strict):
+    """The data-flow space (search/dataflow_space.py): a path of `slots` layer slots, each a layer of the base, an
+    expert or (space `both`) the parameter-space merge, with a scale on the hidden state entering it."""
+
+    slots: int | None = Field(default=None, ge=1, description="T: slots in the path (default: the base's layer count, at most 2×)")
+    scale: tuple[float, float] = Field(default=(0.5, 1.5), description="[low, high] of each slot's scale (both > 0; [1, 1]: no scales)")
+    skips: bool = Field(default=True, description="a slot may be skipped, so the path has fewer than T layers")
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"[{low:g}, {high:g}]: give [low, high] with 0 < low <= high")
+        return value
+
+
 class SearchConfig(_Strict):
     layer_groups: int = Field(default=4, ge=1, description="G: consecutive transformer layers split into G groups")
     split_attention_mlp: bool = Field(default=False, description="attention and MLP of a group choose separately")
@@ -74,6 +92,12 @@ class SearchConfig(_Strict):
         default_factory=lambda: ["density"], description="per-model params searched with one value per expert"
     )
     shared: list[str] = Field(default_factory=list, description="params (or `weight`) shared by all groups")
+    space: Literal["parameter", "dataflow", "both"] = Field(
+        default="parameter",
+        description="parameter: per-layer merge recipes; dataflow: layer paths through base and experts (Sakana's DFS); "
+        "both: a merge recipe and a path that may also use its layers (PS+DFS)",
+    )
+    dataflow: DataflowConfig = Field(default_factory=DataflowConfig)
 
     @field_validator("ranges")
     @classmethod
@@ -268,6 +292,19 @@ class StudyConfig(_Strict):
             )
         if self.sampler.name == "cmaes" and self.objectives is not None and len(self.objectives) > 1:
             raise ValueError("sampler.name: cmaes optimises one objective; use tpe, nsga2 or gp for several")
+        if self.search.space != "parameter":
+            if MERGED in self.models.experts:
+                raise ValueError(f"experts: {MERGED!r} names the parameter-space merge in data-flow paths; call the expert something else")
+            if getattr(self.evaluator, "backend", None) == "vllm":
+                raise ValueError(
+                    f"search.space: {self.search.space} changes the layer count per trial, which a running vLLM engine "
+                    "cannot; use `evaluator.backend: hf`, or `search.space: parameter`"
+                )
+            if self.search.space == "dataflow" and self.tokenizer is not None:
+                raise ValueError(
+                    "tokenizer: a dataflow path keeps the base's embeddings and vocabulary; drop `tokenizer:`, or use "
+                    "`search.space: both`, whose path takes the merge's"
+                )
         if self.pruning.enabled and self.evaluator.kind != "quick":
             raise ValueError("pruning.enabled: two-stage scoring needs `evaluator.kind: quick`; set pruning.enabled: false")
         return self

@@ -31,7 +31,9 @@ def study_engine(config: StudyConfig) -> Engine:
 
     evaluator = validate_evaluator_config(config.evaluator)
     if not (isinstance(evaluator, LmEvalConfig) and evaluator.backend == "vllm"):
-        return Engine("hf")
+        # A dataflow worker also holds the experts' layers (and, for `both`, the base's: the live model is the merge).
+        space = config.search.space
+        return Engine("hf", dataflow_models=0 if space == "parameter" else len(config.experts) + (space == "both"))
     args = evaluator.model_args
     dtype = args.get("dtype", "auto")
     return Engine(

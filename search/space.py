@@ -13,6 +13,9 @@ suggested, so they are conditional on it. Parameter names are stable across tria
     g0.<method>.<param>        e.g. g0.ties.lambda, g0.slerp.t
     g0.<method>.<param>.<e>    per-expert params, e.g. g0.ties.density.math
     shared.*                   the same names without a group, for params in `search.shared`
+
+With `search.space: dataflow` a trial is a layer path instead (search/dataflow_space.py, `dfs.*`
+params, no merge); with `both`, the recipe and a path that may use the merge's layers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mergetune.merge.domains import UNWEIGHTED_METHODS, weight_domain
 from mergetune.merge.methods import get_method, method_names
 from mergetune.merge.recipe import Recipe, Rule, layer_index
 from mergetune.search.config import StudyConfig
+from mergetune.search.dataflow_space import DataflowSpace
 from mergetune.search.params import SEARCHED_PARAMS, WEIGHT
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della")
@@ -105,7 +109,9 @@ class SearchSpace:
         self.methods = self._allowed_methods(self.search.methods, stats)
         self._check_against_methods()
         structure = structure if structure is not None else base_structure(config.models.base)
-        self.groups = layer_groups(
+        self.dataflow = DataflowSpace(config, structure.num_layers, structure.architecture) if self.search.space != "parameter" else None
+        # The dataflow space alone merges nothing: no layer groups, no recipe rules.
+        self.groups = [] if self.search.space == "dataflow" else layer_groups(
             structure, self.search.layer_groups, self.search.split_attention_mlp, self.search.separate_embeddings
         )
 
@@ -181,6 +187,8 @@ class SearchSpace:
             for method in self.methods:
                 for _, _, name, (low, high) in self.searched(group.name, method):
                     out[name] = optuna.distributions.FloatDistribution(low, high)
+        if self.dataflow is not None:
+            out.update(self.dataflow.distributions())
         return out
 
     def _suggest_rule(self, trial: optuna.Trial, group: LayerGroup) -> Rule:
@@ -199,10 +207,13 @@ class SearchSpace:
 
     def recipe(self, trial: optuna.Trial) -> Recipe:
         rules = [self._suggest_rule(trial, group) for group in self.groups]
-        if not self.search.separate_embeddings:
+        if rules and not self.search.separate_embeddings:
             # Embeddings, final norm and head follow group 0's choice.
             rules.append(rules[0].model_copy(update={"match": ["*"], "layers": None}))
-        return Recipe(models=self.models, base="base", rules=rules, seed=self.seed + trial.number, tokenizer=self.tokenizer)
+        path = self.dataflow.path(trial) if self.dataflow is not None else None
+        return Recipe(
+            models=self.models, base="base", rules=rules, seed=self.seed + trial.number, tokenizer=self.tokenizer, dataflow=path
+        )
 
     # --- classic recipes as params (warm start) ---
     def uniform_params(self, method: str, overrides: dict[str, float]) -> dict[str, object]:

@@ -9,6 +9,8 @@ scores the rest on the same live model). A scored result carries each score's st
 (`score_se`). At the end of a run, `confirm` re-merges a top trial's recipe and scores it on the
 larger confirmation subset of the search split (search/confirm.py). Errors of a trial come back
 as a result with `error`, so only a dead process surfaces as an exception on the driver.
+With `search.space: dataflow | both` it also holds the source models' decoder layers and runs each
+recipe's data-flow path on the live model (evaluators/dataflow_model.py); `dataflow` merges nothing.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ class TrialWorker:
         modelset = load_modelset(config)
         self.backend = load_backend(config.evaluator, config.models.base, device, modelset.vocabulary)
         check_device_room(config, device)
-        self.resident = ResidentModelSet.load(
+        self.paths = load_path_model(config, self.backend)
+        # The dataflow space never merges: its live model stays the base, so no merge inputs are held.
+        self.resident = None if config.search.space == "dataflow" else ResidentModelSet.load(
             modelset, device=device, placement=resident_placement(config), orders=study_orders(config), cache=cache_root()
         )
         self.evaluator = build_evaluator(config.evaluator)
@@ -186,9 +190,16 @@ class TrialWorker:
     def _merge(self, recipe: dict, seed: int, timings: dict[str, float]) -> None:
         from mergetune.merge.recipe import Recipe
 
-        timings.update(
-            timed(timings, "merge_s", lambda: self.resident.merge_into(Recipe.from_dict(recipe), self.backend.weight_sink(), seed=seed))
-        )
+        parsed = Recipe.from_dict(recipe)
+        if self.paths is not None:
+            self.paths.restore()  # the merge writes into the live model's own layers
+        if parsed.rules:
+            assert self.resident is not None
+            timings.update(timed(timings, "merge_s", lambda: self.resident.merge_into(parsed, self.backend.weight_sink(), seed=seed)))
+        if parsed.dataflow is not None:
+            if self.paths is None:
+                raise ConfigError("this recipe has a dataflow path; run it in a study with `search.space: dataflow` or `both`")
+            self.paths.apply(parsed.dataflow)
 
     def _attempt(self, score: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, object]:
         """`score(timings)` as a result dict: scores and timings, or `error` for a failure or a non-finite score."""
@@ -210,6 +221,18 @@ class TrialWorker:
         if self._summary:
             result["score_se"] = {name: summary["se"] for name, summary in self._summary.items()}
         return {**result, "scores": scores, "timings": timings}
+
+
+def load_path_model(config: StudyConfig, backend: object):
+    """The PathModel over the backend's live model for a dataflow study (None for `search.space: parameter`)."""
+    if config.search.space == "parameter":
+        return None
+    from mergetune.evaluators.dataflow_model import PathModel
+
+    assert config.models is not None
+    sources = {"base": config.models.base, **config.models.experts}
+    live = "base" if config.search.space == "dataflow" else None
+    return PathModel.load(backend.model, sources, live_source=live)
 
 
 def timed(timings: dict[str, float], key: str, call: Callable[[], dict]) -> dict:

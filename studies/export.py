@@ -4,6 +4,9 @@
     DIR/mergekit.yaml    `mergekit-yaml` (or `mergekit-multi` for per-layer methods); its header is the command
     DIR/*.safetensors, config.json, tokenizer files, README.md (model card)
 
+A recipe with a data-flow path exports its path model (studies/dataflow_export.py): one layer per slot,
+scales folded in, and a mergekit `passthrough` config when mergekit can express the path.
+
 The whole directory is written atomically; an existing non-empty DIR needs `force`.
 """
 
@@ -54,8 +57,7 @@ def export_trial(
     mergekit_text, mergekit_note = None, None
     if fmt in ("mergekit", "all"):
         try:
-            layout = ModelLayout.from_recipe(recipe)
-            mergekit_text = mergekit_yaml(recipe, recipe_to_mergekit(recipe, layout), layout)
+            mergekit_text = _mergekit_text(recipe)
         except MergetuneError as exc:
             if fmt == "mergekit":
                 raise
@@ -63,15 +65,47 @@ def export_trial(
             log.warning("no mergekit config for trial %d: %s", trial.number, exc)
     with atomic_output_dir(out, force=force) as tmp:
         if fmt in ("model", "all"):
-            from mergetune.merge.engine import merge_recipe_to_dir
+            if recipe.dataflow is not None:
+                from mergetune.studies.dataflow_export import write_path_model
 
-            merge_recipe_to_dir(recipe, tmp, seed=recipe.seed, device=device, force=True)
+                write_path_model(recipe, tmp, device=device)
+            else:
+                from mergetune.merge.engine import merge_recipe_to_dir
+
+                merge_recipe_to_dir(recipe, tmp, seed=recipe.seed, device=device, force=True)
             (tmp / "README.md").write_text(model_card(study, trial, recipe, mergekit_note))
         if fmt in ("recipe", "all"):
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         if mergekit_text is not None:
             (tmp / MERGEKIT_FILE).write_text(mergekit_text)
     return out
+
+
+def _mergekit_text(recipe: Recipe) -> str:
+    if recipe.dataflow is None:
+        layout = ModelLayout.from_recipe(recipe)
+        return mergekit_yaml(recipe, recipe_to_mergekit(recipe, layout), layout)
+    from mergetune.studies.dataflow_export import passthrough_config, passthrough_problem
+
+    problem = passthrough_problem(recipe)
+    if problem is not None:
+        raise MergetuneError(problem)
+    merged = recipe.model_copy(update={"dataflow": None})
+    if recipe.rules:
+        layout = ModelLayout.from_recipe(merged)
+        ps_config = recipe_to_mergekit(merged, layout)
+        dtype = layout.out_dtype
+    else:
+        ps_config, dtype = None, recipe.dtype or _stored_dtype(recipe.models[recipe.base or "base"])
+    config = passthrough_config(recipe, ps_config, dtype)
+    return mergekit_yaml(recipe, config)
+
+
+def _stored_dtype(model_dir: str) -> str:
+    import json
+
+    data = json.loads((Path(model_dir) / "config.json").read_text())
+    return str(data.get("dtype") or data.get("torch_dtype") or "float32")
 
 
 def model_card(study: optuna.Study, trial: FrozenTrial, recipe: Recipe, mergekit_note: str | None = None) -> str:

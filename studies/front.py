@@ -216,8 +216,8 @@ def trial_recipe(trial: FrozenTrial) -> Recipe:
     return Recipe.from_dict(data, source=f"trial {trial.number} recipe")
 
 
-def recipe_summary(recipe: Recipe) -> str:
-    """`L0-1 ties · L2-3 linear · *embed* linear`: which method each rule (layer group) uses."""
+def rule_parts(recipe: Recipe) -> list[str]:
+    """`L0-1 ties`, `L2-3 linear`, `*embed* linear`: which method each rule (layer group) uses."""
     parts = []
     for rule in recipe.rules:
         where = []
@@ -227,6 +227,15 @@ def recipe_summary(recipe: Recipe) -> str:
         if rule.match != ["*"]:
             where.append(",".join(rule.match))
         parts.append(f"{' '.join(where) or 'rest'} {rule.method}")
+    return parts
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    """`L0-1 ties · L2-3 linear · *embed* linear`: the rules' methods, then the data-flow path in brief
+    (`dfs: 6 slots, 4 from base, 2 from math`)."""
+    parts = rule_parts(recipe)
+    if recipe.dataflow is not None:
+        parts.append(recipe.dataflow.summary())
     return " · ".join(parts)
 
 

@@ -25,6 +25,7 @@ from mergetune.studies.front import (
     objective_names,
     recipe_summary,
     recorded_test_scores,
+    rule_parts,
     search_errors,
     trial_recipe,
     with_error,
@@ -139,7 +140,7 @@ def method_choices(complete: list[FrozenTrial]) -> list[tuple[int, str, str]]:
     for trial in complete:
         if "recipe" not in trial.user_attrs:
             continue
-        for part in recipe_summary(trial_recipe(trial)).split(" · "):
+        for part in rule_parts(trial_recipe(trial)):
             group, _, method = part.rpartition(" ")
             rows.append((trial.number, group, method))
     return rows

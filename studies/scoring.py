@@ -6,6 +6,7 @@ import logging
 
 from rich.progress import Progress
 
+from mergetune.core.errors import ConfigError
 from mergetune.merge.recipe import Recipe
 from mergetune.search.config import StudyConfig, parse_study_config
 
@@ -19,20 +20,29 @@ def score_recipes_on_split(
     from mergetune.evaluators.base import build_evaluator, load_backend
     from mergetune.merge.resident import ResidentModelSet
     from mergetune.search.plan import resident_placement
-    from mergetune.search.workers import load_modelset
+    from mergetune.search.workers import load_modelset, load_path_model
 
     if isinstance(config, dict):
         config = parse_study_config(config, "study config")
     assert config.models is not None and config.evaluator is not None
     modelset = load_modelset(config)
     backend = load_backend(config.evaluator, config.models.base, device, modelset.vocabulary)  # the engine before the inputs
-    resident = ResidentModelSet.load(modelset, device=device, placement=resident_placement(config))
+    paths = load_path_model(config, backend)
+    resident = None if config.search.space == "dataflow" else ResidentModelSet.load(modelset, device=device, placement=resident_placement(config))
     evaluator = build_evaluator(config.evaluator)
     results = []
     with Progress(transient=True) as progress:
         task = progress.add_task(f"scoring on {split}", total=len(recipes))
         for recipe in recipes:
-            resident.merge_into(recipe, backend.weight_sink(), seed=recipe.seed)
+            if paths is not None:
+                paths.restore()
+            if recipe.rules:
+                assert resident is not None
+                resident.merge_into(recipe, backend.weight_sink(), seed=recipe.seed)
+            if recipe.dataflow is not None:
+                if paths is None:
+                    raise ConfigError("a recipe with a dataflow path needs a study config with `search.space: dataflow` or `both`")
+                paths.apply(recipe.dataflow)
             results.append({name: float(value) for name, value in evaluator.evaluate(backend, split=split).items()})
             progress.advance(task)
     return results

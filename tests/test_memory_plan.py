@@ -253,3 +253,19 @@ def test_plan_of_a_small_cpu_study_keeps_the_inputs_on_the_workers(tiny_three, t
     assert code == 0 and worker["resident_inputs"] == inputs  # every worker its own copy: small enough
     node = plan["breakdown"]["per_node"]
     assert plan["per_node"]["host_bytes"] == 2 * plan["per_worker"]["device_bytes"] + node["order_statistics"]
+
+
+@pytest.mark.parametrize(("space", "held"), [("parameter", 0), ("dataflow", 3), ("both", 4)])
+def test_a_dataflow_study_counts_the_decoder_layers_its_workers_hold(llama8b, tmp_path, capsys, space, held):
+    hf = {"kind": "lm_eval", "backend": "hf", "tasks": ["arc_easy"]}
+    config = cluster_config(tmp_path, llama8b, evaluator=hf, search={"space": space, "methods": ["linear"]}, ray={"resident": "host"})
+    data = yaml.safe_load(config.read_text())
+    data["evaluator"] = hf  # replaced, not merged: the cluster config's vLLM settings do not apply
+    config.write_text(yaml.safe_dump(data))
+    _, plan, _ = run_plan(capsys, config, "--gpu-memory", "80", "--host-memory", "1000")
+    layers = sum(math.prod(shape) for name, shape in tensor_shapes(llama3_config("8b")).items() if ".layers." in name) * 2
+    assert layers == 13_959_168_000  # Llama-3-8B's 32 decoder layers in bf16: 13.0 GiB
+    worker = plan["breakdown"]["per_worker"]
+    assert worker["dataflow_layers"] == held * layers
+    assert plan["fits"]  # 20.6 / 59.6 / 72.6 GiB of an 80 GB GPU with host-placed inputs
+    assert plan["per_worker"]["device_bytes"] == sum(worker.values())

@@ -109,7 +109,7 @@ def test_two_stage_scores_equal_one_stage_scores_exactly(zoo, tmp_path, monkeypa
     worker.resident = ResidentModelSet.load(load_modelset(config), device="cpu")
     worker.backend = HFBackend.from_pretrained(config.models.base, "cpu")
     worker.evaluator = build_evaluator(config.evaluator)
-    worker.versions, worker._head = {}, {}
+    worker.versions, worker._head, worker.paths = {}, {}, None
     space = SearchSpace(config)
     for _, params in baseline_params(space)[:3]:
         recipe = space.recipe(optuna.trial.FixedTrial(params)).to_dict()
