@@ -89,7 +89,8 @@ def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
     """One disk-to-disk merge in this (fresh) process: seconds from the tool's import to the merge's end, and peak RSS."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     started = time.perf_counter()  # the tool's own imports count, as they do for a user's merge command
     if tool == "mergetune":
         from mergetune.merge.engine import merge_recipe_to_dir
@@ -118,7 +119,7 @@ def child(tool: str, method: str, root: Path, out: Path, threads: int) -> dict:
                 "out_dtype": "bfloat16",
             }
         )
-        options = MergeOptions(quiet=True, random_seed=0, num_threads=threads, copy_tokenizer=True)
+        options = MergeOptions(quiet=True, random_seed=0, num_threads=threads or None, copy_tokenizer=True)
         run_merge(config, str(out), options)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
@@ -241,7 +242,7 @@ def main() -> None:
     parser.add_argument("--method", default="task_arithmetic")
     parser.add_argument("--root", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run; 0: the machine's default (all cores)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=11)
@@ -264,7 +265,9 @@ def main() -> None:
     from mergetune.core.versions import package_versions
     from mergetune.merge.methods import method_names
 
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     console = Console(width=160)
     methods = ["task_arithmetic"] + (["ties"] if "ties" in method_names() else [])
     with tempfile.TemporaryDirectory(prefix="merge_speed-") as tmp:

@@ -113,8 +113,11 @@ class Checkpoint:
     def tied_weights(self) -> dict[str, str]:
         """Tensor name → the name it is tied to (`lm_head.weight` → the input embeddings) when the config ties
         them, in checkpoint names (GPT-NeoX: `embed_out.weight`)."""
-        if not (self.path / "config.json").is_file():
+        config = self.path / "config.json"
+        if not config.is_file():
             return dict(DEFAULT_TIED_WEIGHTS)
+        if unties_embeddings(config):
+            return {}  # what `structure().tied` says, without importing the model's transformers modules (seconds)
         return self.structure().tied
 
     def alias(self, name: str, source: str) -> None:
@@ -323,6 +326,18 @@ def _indexed_by_token(ckpt: Checkpoint, name: str) -> bool:
         return name in ckpt.structure().vocabulary_names()
     except ModelSetError:  # a model transformers cannot build: no structure to tell
         return False
+
+
+def unties_embeddings(config_json: Path) -> bool:
+    """Whether a config.json says outright that nothing is tied: `tie_word_embeddings: false` and no nested
+    sub-config (a multimodal model's text config) that could say otherwise — `architecture.model_structure`
+    ties weights only where the text config's `tie_word_embeddings` is true."""
+    try:
+        raw = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return False
+    nested = any(isinstance(v, dict) and "model_type" in v for v in raw.values()) if isinstance(raw, dict) else True
+    return isinstance(raw, dict) and raw.get("tie_word_embeddings") is False and not nested
 
 
 def _align_tied(labelled: list[tuple[str, Checkpoint]]) -> None:

@@ -69,6 +69,16 @@ class TensorOrder:
             order._add_ties(d, counts, indices)
         return order
 
+    @classmethod
+    def sorted(cls, scores: Tensor, direction: str = "desc") -> TensorOrder:
+        """The same order from one sort, uncompressed: every value and the whole tie order as `torch.sort` gives
+        it (8 bytes an entry) — for a one-shot merge, which selects once and needs neither the run table nor
+        the tied positions."""
+        flat = scores.detach().reshape(-1).to("cpu", torch.float32)
+        values, indices = torch.sort(flat, descending=direction == "desc")
+        ascending = values if direction == "asc" else values.flip(0)
+        return cls(flat.numel(), None, None, ascending, {direction: (None, indices.to(torch.int32))})
+
     def _add_ties(self, direction: str, counts: Tensor, indices: Tensor) -> None:
         if self.values is None:
             self.ties[direction] = (None, indices.to(torch.int32))

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from mergetune.merge.architecture import model_structure
 from mergetune.merge.engine import merge_recipe_to_dir
-from mergetune.merge.modelset import ModelSet
+from mergetune.merge.modelset import ModelSet, unties_embeddings
 from mergetune.merge.recipe import Recipe, layer_index
 from mergetune.merge.resident import ResidentModelSet
 from mergetune.merge.sinks import LiveModelSink
@@ -103,6 +103,16 @@ def test_every_tensor_is_in_exactly_one_group_the_group_of_its_block(zoo, arch, 
         assert matching == [group], name
     assert set(groups.values()) == {g.name for g in space.groups}  # no group is empty
     assert ModelSet.from_dirs(models["base"], {"a": models["a"]}).num_layers == structure.num_layers == LAYERS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_tied_weights_read_from_config_json_alone_are_the_model_trees(zoo, arch, tmp_path):
+    ckpt = ModelSet.from_dirs(zoo[arch]["base"], {"a": zoo[arch]["a"]}).base
+    assert ckpt.tied_weights() == ckpt.structure().tied
+    assert unties_embeddings(ckpt.path / "config.json") == (not ARCHITECTURES[arch][1]["tie_word_embeddings"])
+    nested = tmp_path / "config.json"  # a sub-config could tie its own embeddings: the model tree decides
+    nested.write_text(json.dumps({"tie_word_embeddings": False, "text_config": {"model_type": arch, "tie_word_embeddings": True}}))
+    assert not unties_embeddings(nested)
 
 
 def test_gemma_norms_neox_fused_attention_olmo_post_norms_and_tied_heads_are_grouped_by_the_model():

@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, Union, get_args, get_origin, get_type_hints
@@ -60,16 +61,25 @@ class TensorSummaries(Protocol):
 
     def order(self, kind: str, model: int, direction: str) -> TensorOrder: ...
 
+    def prefetch(self, kind: str, direction: str, models: Sequence[int]) -> None:
+        """Build the orders these experts will ask for, at once (concurrently where the summaries can)."""
+        ...
+
     def row_ranks(self, model: int) -> Tensor: ...
 
 
 class InputSummaries:
-    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use.
+    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use, for a merge
+    that selects once per tensor (the disk engine; a method called on a whole tensor): one sort per (kind,
+    expert, direction), kept uncompressed (`TensorOrder.sorted`). `prefetch` sorts several experts' scores
+    in up to `threads` threads at once (torch's CPU sort of one tensor runs on one core and releases the GIL).
 
     `deltas` are the float32 τ_k of the whole tensor, or a function making them when first needed."""
 
-    def __init__(self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None) -> None:
-        self._given, self._moments = deltas, moments
+    def __init__(
+        self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None, threads: int = 1
+    ) -> None:
+        self._given, self._moments, self._threads = deltas, moments, threads
         self._orders: dict[tuple[str, int], TensorOrder] = {}
         self._ranks: dict[int, Tensor] = {}
 
@@ -77,16 +87,25 @@ class InputSummaries:
     def _deltas(self) -> list[Tensor]:
         return self._given() if callable(self._given) else self._given
 
+    def _scores(self, kind: str, model: int) -> Tensor:
+        return scores_of(kind, self._deltas[model], self._moments[model] if self._moments else None)
+
     def order(self, kind: str, model: int, direction: str) -> TensorOrder:
-        scores = None
         order = self._orders.get((kind, model))
-        if order is None or direction not in order.ties:
-            scores = scores_of(kind, self._deltas[model], self._moments[model] if self._moments else None)
         if order is None:
-            order = self._orders[(kind, model)] = TensorOrder.build(scores, (direction,))
+            order = self._orders[(kind, model)] = TensorOrder.sorted(self._scores(kind, model), direction)
         elif direction not in order.ties:
-            order.add_direction(scores, direction)
+            order.add_direction(self._scores(kind, model), direction)
         return order
+
+    def prefetch(self, kind: str, direction: str, models: Sequence[int]) -> None:
+        missing = [m for m in models if (kind, m) not in self._orders]
+        if self._threads < 2 or len(missing) < 2:
+            return  # built on first use
+        self._deltas  # made once, before the threads share them
+        with ThreadPoolExecutor(max_workers=min(self._threads, len(missing))) as pool:
+            built = list(pool.map(lambda m: TensorOrder.sorted(self._scores(kind, m), direction), missing))
+        self._orders.update({(kind, m): order for m, order in zip(missing, built)})
 
     def row_ranks(self, model: int) -> Tensor:
         if model not in self._ranks:
@@ -218,6 +237,10 @@ class TensorInputs:
     def order(self, kind: str, model: int, direction: str) -> TensorOrder:
         """Expert `model`'s scores of `kind` ("magnitude" |τ|, "saliency" v·τ²) on this tensor, in sort order."""
         return self._summaries().order(kind, model, direction)
+
+    def prefetch_orders(self, kind: str, direction: str, models: Sequence[int]) -> None:
+        """Let the summaries build these experts' orders of `kind` at once (`TensorSummaries.prefetch`)."""
+        self._summaries().prefetch(kind, direction, models)
 
     def row_ranks(self, model: int) -> Tensor:
         """Expert `model`'s |τ| rank of every entry within its row, over the whole tensor (`order_stats.row_ranks`)."""
