@@ -16,6 +16,15 @@ def score_recipes_on_split(
     config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
 ) -> list[dict[str, float]]:
     """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
+    summaries = summarise_recipes_on_split(config, recipes, split, device)
+    return [{name: float(s["score"]) for name, s in summary.items()} for summary in summaries]
+
+
+def summarise_recipes_on_split(
+    config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
+) -> list[dict[str, dict]]:
+    """Per recipe, per objective on `split`: the score with its standard error and item count (the
+    evaluator's `summarise`), loading the model set, live model and evaluator once."""
     from mergetune.evaluators.base import build_evaluator, load_backend
     from mergetune.merge.resident import ResidentModelSet
     from mergetune.search.plan import resident_placement
@@ -33,6 +42,6 @@ def score_recipes_on_split(
         task = progress.add_task(f"scoring on {split}", total=len(recipes))
         for recipe in recipes:
             resident.merge_into(recipe, backend.weight_sink(), seed=recipe.seed)
-            results.append({name: float(value) for name, value in evaluator.evaluate(backend, split=split).items()})
+            results.append(evaluator.summarise(backend, split=split))
             progress.advance(task)
     return results
