@@ -141,6 +141,10 @@ class SamplerConfig(_Strict):
     name: Literal["tpe", "nsga2", "cmaes", "gp", "random"] = "tpe"
     m3_prior: M3PriorConfig | None = Field(default_factory=M3PriorConfig, description="null turns the prior off")
     population_size: int = Field(default=16, ge=2, description="NSGA-II population")
+    target: Literal["objectives", "weighted_mean"] = Field(
+        default="objectives",
+        description="what the sampler learns from: every objective (multi-objective) or their configured weighted mean (what `best` picks)",
+    )
 
 
 class BudgetConfig(_Strict):
