@@ -4,7 +4,7 @@
     zoo: zoo-demo                # or `models:` + `evaluator:` spelled out
     tokenizer: {source: union}   # only for experts with added tokens (see merge/vocabulary.py)
     search: {layer_groups: 4, methods: [linear, task_arithmetic, ties, dare_ties, ota]}
-    sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
+    sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}, target: objectives}   # or weighted_mean
     budget: {n_trials: 60}
     pruning: {enabled: false, first_share: 0.25, min_complete: 8}
     confirm: {top_k: 4, limit: null}   # re-score the top trials on more search items before naming the best
