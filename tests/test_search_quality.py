@@ -71,3 +71,38 @@ def test_arm_summary_against_hand_computed_margins(quality):
     assert summary["wins"] == 2
     assert summary["normalised"] == pytest.approx(0.45)
     assert summary["test_se_over_seeds"] == pytest.approx(math.sqrt(((0.03) ** 2 + (0.01) ** 2 + (0.04) ** 2) / 2) / math.sqrt(3))
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    from rich.console import Console
+
+    from mergetune.zoo.build import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "tiny"
+    build_zoo(out, "tiny", seed=0, console=Console(quiet=True))
+    return out
+
+
+def test_summarised_test_scores_match_the_merged_model_on_disk(tiny_zoo, tmp_path):
+    """The benchmark's test scores (resident merge, `summarise_recipes_on_split`) against the same recipe merged
+    to disk, reloaded and summarised by the evaluator: scores, SEs and item counts."""
+    from mergetune.evaluators.base import HFBackend, build_evaluator
+    from mergetune.merge.engine import merge_recipe_to_dir
+    from mergetune.merge.recipe import Recipe
+    from mergetune.search.config import parse_study_config
+    from mergetune.studies.scoring import score_recipes_on_split, summarise_recipes_on_split
+
+    evaluator = {"kind": "quick", "zoo": str(tiny_zoo), "limit": 8, "metrics": ["logprob"]}
+    config = parse_study_config({"study": "q", "zoo": str(tiny_zoo), "evaluator": evaluator}, "test")
+    models = {"base": config.models.base, **config.models.experts}
+    recipe = Recipe(models=models, base="base", rules=[{"match": ["*"], "method": "task_arithmetic", "params": {"lambda": 0.7}}])
+    (summary,) = summarise_recipes_on_split(config, [recipe], "test")
+    merge_recipe_to_dir(recipe, tmp_path / "merged")
+    reference = build_evaluator(config.evaluator).summarise(HFBackend.from_pretrained(tmp_path / "merged"), "test")
+    assert set(summary) == set(reference) and len(summary) == len(config.experts)
+    for name, expected in reference.items():
+        assert summary[name]["items"] == expected["items"] == 8
+        assert summary[name]["score"] == pytest.approx(expected["score"], abs=1e-4)
+        assert summary[name]["se"] == pytest.approx(expected["se"], rel=1e-3) and expected["se"] > 0
+    assert score_recipes_on_split(config, [recipe], "test") == [{n: pytest.approx(s["score"]) for n, s in summary.items()}]
