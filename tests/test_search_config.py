@@ -36,7 +36,6 @@ def test_demo_example_validates_against_a_zoo_layout(tmp_path, monkeypatch):
     assert config.models.experts == {"reverse": "zoo-demo/experts/reverse", "sort": "zoo-demo/experts/sort"}
     assert set(config.models.moments) == {"reverse", "sort"}
     assert config.ray.workers == 2 and config.storage_url == "sqlite:///studies/demo.db"
-    assert config.sampler.target == "weighted_mean"  # the demo's four task objectives are picked by their mean
 
 
 def test_defaults():
