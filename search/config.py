@@ -4,7 +4,7 @@
     zoo: zoo-demo                # or `models:` + `evaluator:` spelled out
     tokenizer: {source: union}   # only for experts with added tokens (see merge/vocabulary.py)
     search: {layer_groups: 4, methods: [linear, task_arithmetic, ties, dare_ties, ota]}
-    sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}}
+    sampler: {name: tpe, m3_prior: {alpha: 0.5, n_startup: 16}, target: objectives}   # or weighted_mean
     budget: {n_trials: 60}
     pruning: {enabled: false, first_share: 0.25, min_complete: 8}
     confirm: {top_k: 4, limit: null}   # re-score the top trials on more search items before naming the best
@@ -165,6 +165,10 @@ class SamplerConfig(_Strict):
     name: Literal["tpe", "nsga2", "cmaes", "gp", "random"] = "tpe"
     m3_prior: M3PriorConfig | None = Field(default_factory=M3PriorConfig, description="null turns the prior off")
     population_size: int = Field(default=16, ge=2, description="NSGA-II population")
+    target: Literal["objectives", "weighted_mean"] = Field(
+        default="objectives",
+        description="what the sampler learns from: every objective (multi-objective) or their configured weighted mean (what `best` picks)",
+    )
 
 
 class BudgetConfig(_Strict):

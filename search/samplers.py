@@ -7,10 +7,16 @@ is young (trial number < n_startup) or whenever the wrapped sampler falls back t
 independent sampling, serves a group's `<group>.weight.<expert>` params from ONE Dirichlet
 draw per (trial, group), cached in the trial's system attrs so the K components are
 jointly consistent; everything else is deferred to the wrapped sampler.
+
+`sampler.target: weighted_mean` makes a multi-objective study's sampler learn from one number
+per trial, the configured weighted mean that "best" is picked by (studies/front.py `scalarised`):
+`WeightedMeanSampler` hands the wrapped sampler a single-objective in-memory copy of the
+finished trials. The study itself keeps every objective, so the front and reports are unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +88,87 @@ class M3PriorSampler(BaseSampler):
         self.wrapped.reseed_rng()
 
 
+class _WeightedMeanView:
+    """A study as a single-objective sampler sees it: every read goes to `study`, except that trials carry one
+    value each (their weighted mean, maximised). Writes (a sampler's trial system attrs) reach the real storage."""
+
+    directions = [optuna.study.StudyDirection.MAXIMIZE]
+    direction = optuna.study.StudyDirection.MAXIMIZE
+
+    def __init__(self, study: Study, value_of) -> None:
+        self._study = study
+        self._value_of = value_of
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _is_multi_objective(self) -> bool:
+        return False
+
+    def _get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None, use_cache: bool = False) -> list[FrozenTrial]:
+        out = []
+        for trial in self._study._get_trials(deepcopy=False, states=states, use_cache=use_cache):
+            trial = copy.copy(trial)
+            if trial.values is not None:
+                trial.values = [self._value_of(trial)]
+            out.append(trial)
+        return out
+
+    def get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self._get_trials()
+
+
+class WeightedMeanSampler(BaseSampler):
+    """Runs `wrapped` on a single-objective view of the study (`_WeightedMeanView`): each finished trial's value
+    is its configured weighted mean, the number `best` is picked by."""
+
+    def __init__(self, wrapped: BaseSampler) -> None:
+        self.wrapped = wrapped
+        self._means: dict[int, float] = {}  # trial number → weighted mean (a finished trial's values never change)
+
+    def __str__(self) -> str:
+        return f"WeightedMeanSampler({self.wrapped})"
+
+    def _view(self, study: Study) -> Study:
+        from mergetune.studies.front import configured_weights, scalarised
+
+        weights: dict[str, float] | None = None  # read from the study once per view, when a new trial needs them
+
+        def value_of(trial: FrozenTrial) -> float:
+            nonlocal weights
+            if trial.number not in self._means:
+                weights = configured_weights(study) if weights is None else weights
+                self._means[trial.number] = scalarised(study, trial, weights)
+            return self._means[trial.number]
+
+        return _WeightedMeanView(study, value_of)  # type: ignore[return-value]
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.wrapped.infer_relative_search_space(self._view(study), trial)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return self.wrapped.sample_relative(self._view(study), trial, search_space)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+        return self.wrapped.sample_independent(self._view(study), trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self.wrapped.before_trial(self._view(study), trial)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        from mergetune.studies.front import configured_weights, scalarised
+
+        mean = None if values is None else [scalarised(study, trial, configured_weights(study), list(values))]
+        self.wrapped.after_trial(self._view(study), trial, state, mean)
+
+    def reseed_rng(self) -> None:
+        self.wrapped.reseed_rng()
+
+
 def make_sampler(config: SamplerConfig, experts: Sequence[str], seed: int, n_objectives: int) -> BaseSampler:
     """The configured Optuna sampler, seeded, wrapped in the M³ prior unless it is turned off."""
     if config.name == "cmaes" and n_objectives > 1:
@@ -105,6 +192,8 @@ def make_sampler(config: SamplerConfig, experts: Sequence[str], seed: int, n_obj
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, warn_independent_sampling=False)
     else:
         sampler = optuna.samplers.RandomSampler(seed=seed)
+    if config.target == "weighted_mean" and n_objectives > 1:
+        sampler = WeightedMeanSampler(sampler)
     if config.m3_prior is None:
         return sampler
     return M3PriorSampler(sampler, experts, alpha=config.m3_prior.alpha, n_startup=config.m3_prior.n_startup, seed=seed)

@@ -17,6 +17,15 @@ def score_recipes_on_split(
     config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
 ) -> list[dict[str, float]]:
     """Scores of each recipe on `split`, loading the model set, live model and evaluator once."""
+    summaries = summarise_recipes_on_split(config, recipes, split, device)
+    return [{name: float(s["score"]) for name, s in summary.items()} for summary in summaries]
+
+
+def summarise_recipes_on_split(
+    config: StudyConfig | dict, recipes: list[Recipe], split: str = "test", device: str = "cpu"
+) -> list[dict[str, dict]]:
+    """Per recipe, per objective on `split`: the score with its standard error and item count (the
+    evaluator's `summarise`), loading the model set, live model and evaluator once."""
     from mergetune.evaluators.base import build_evaluator, load_backend
     from mergetune.merge.resident import ResidentModelSet
     from mergetune.search.plan import resident_placement
@@ -43,6 +52,6 @@ def score_recipes_on_split(
                 if paths is None:
                     raise ConfigError("a recipe with a dataflow path needs a study config with `search.space: dataflow` or `both`")
                 paths.apply(recipe.dataflow)
-            results.append({name: float(value) for name, value in evaluator.evaluate(backend, split=split).items()})
+            results.append(evaluator.summarise(backend, split=split))
             progress.advance(task)
     return results

@@ -42,6 +42,7 @@ def test_defaults():
     config = parse_study_config(minimal(), "t")
     assert config.storage_url == "sqlite:///studies/s.db"
     assert config.sampler.name == "tpe" and config.sampler.m3_prior.alpha == 0.5
+    assert config.sampler.target == "objectives"
     assert config.warm_start and config.budget.n_trials == 50
 
 
@@ -51,6 +52,7 @@ def test_defaults():
         (minimal(serach={}), "serach: unknown key; allowed here: study, zoo, models"),
         (minimal(search={"layer_group": 2}), "search.layer_group: unknown key; allowed here: layer_groups"),
         (minimal(sampler={"name": "bayes"}), "sampler.name: Input should be 'tpe', 'nsga2', 'cmaes', 'gp' or 'random'"),
+        (minimal(sampler={"target": "mean"}), "sampler.target: Input should be 'objectives' or 'weighted_mean'"),
         (minimal(budget={"timeout": -1}), "budget.timeout"),
         (minimal(budget={}), "budget: give n_trials and/or timeout"),
         (

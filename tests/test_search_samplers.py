@@ -87,3 +87,42 @@ def test_cmaes_refuses_several_objectives_and_prior_can_be_off():
     with pytest.raises(ConfigError, match="cmaes"):
         make_sampler(SamplerConfig(name="cmaes"), ["a", "b"], seed=0, n_objectives=2)
     assert isinstance(make_sampler(SamplerConfig(name="tpe", m3_prior=None), ["a"], 0, 1), optuna.samplers.TPESampler)
+
+
+def trade_off_study(target, n_trials=60):
+    """Two objectives on one line (a = x, b = 0.5 − 0.5x: every x is Pareto-optimal); weights 3:1 put the best
+    weighted mean, 0.625x + 0.125, at x = 1. Returns the study and the x of the trials TPE chose."""
+    config = SamplerConfig(target=target, m3_prior=None)
+    sampler = make_sampler(config, ["a", "b"], seed=0, n_objectives=2)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    study.set_user_attr("objectives", [{"name": "a", "weight": 3.0}, {"name": "b", "weight": 1.0}])
+    study.set_metric_names(["a", "b"])
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_categorical("g0.method", ["ties", "linear"])
+        return x, 0.5 - 0.5 * x
+
+    study.optimize(objective, n_trials=n_trials)
+    return study, [t.params["x"] for t in study.trials[10:]]  # after TPE's 10 start-up trials
+
+
+def test_weighted_mean_target_drives_tpe_to_the_best_weighted_mean():
+    _, chosen = trade_off_study("weighted_mean")
+    _, spread = trade_off_study("objectives")
+    assert np.mean(chosen) > 0.75  # (3x + 0.5 − 0.5x) / 4 grows with x
+    assert np.mean(spread) < 0.6  # multi-objective TPE spreads along the front
+
+
+def test_weighted_mean_view_values_are_the_configured_weighted_means():
+    from mergetune.search.samplers import WeightedMeanSampler, _WeightedMeanView
+
+    study, _ = trade_off_study("weighted_mean", n_trials=3)
+    sampler = study.sampler
+    assert isinstance(sampler, WeightedMeanSampler)
+    view = sampler._view(study)
+    assert isinstance(view, _WeightedMeanView) and not view._is_multi_objective()
+    for trial, seen in zip(study.trials, view.get_trials()):
+        x = trial.params["x"]
+        assert seen.values == [pytest.approx((3 * x + 0.5 - 0.5 * x) / 4)]
+        assert trial.values == [pytest.approx(x), pytest.approx(0.5 - 0.5 * x)]  # the study keeps both objectives
