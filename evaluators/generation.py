@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -34,6 +35,12 @@ def _check_finite(logits: Tensor) -> None:
         raise NonFiniteLogits("the model produced NaN or inf logits")
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's name in the model's forward and output: `cache` from transformers 5.2x (where
+    `past_key_values` is deprecated, to be removed), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64
@@ -43,6 +50,7 @@ def greedy_generate(
     Generation of a row stops at EOS or a newline; the text after it is dropped.
     """
     device = next(model.parameters()).device
+    cache_arg = cache_argument(model)
     stop_ids = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["\n"])} - {None, tokenizer.unk_token_id}
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -59,8 +67,8 @@ def greedy_generate(
                 input_ids=step_ids,
                 attention_mask=attention,
                 position_ids=position_ids,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_arg: past},
             )
             logits = out.logits[:, -1, :]
             _check_finite(logits)
@@ -70,7 +78,7 @@ def greedy_generate(
             finished |= torch.isin(next_ids, torch.tensor(sorted(stop_ids), device=device))
             if finished.all():
                 break
-            past = out.past_key_values
+            past = out[cache_arg]
             step_ids = next_ids[:, None]
             attention = torch.cat([attention, torch.ones((rows, 1), dtype=attention.dtype, device=device)], dim=1)
             position_ids = position_ids[:, -1:] + 1

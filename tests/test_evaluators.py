@@ -395,3 +395,21 @@ def test_lm_eval_task_spellings_and_metric_choice(zoo, lm_eval_config):
     assert [(o.name, o.direction) for o in listed.objectives] == [("zoo_ppl", "maximize"), ("zoo_rev", "maximize")]
     scores = listed.evaluate(fresh_backend(zoo / "base"))
     assert set(scores) == {"zoo_ppl", "zoo_rev"} and 0 <= scores["zoo_ppl"] <= 1
+
+
+def test_greedy_generation_uses_no_deprecated_cache_argument_and_matches_transformers_generate():
+    import warnings
+
+    from mergetune.evaluators.generation import greedy_generate
+
+    tokenizer = build_char_tokenizer()
+    model = tiny_llama(3)
+    prompts = ["rev abc=", "rev hgfe1=", "rev d="]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*(past_key_values|cache).*deprecated", category=FutureWarning)
+        warnings.filterwarnings("error", message=r".*(past_key_values|cache).*deprecated")
+        ours = greedy_generate(model, tokenizer, prompts, MAX_NEW_TOKENS, batch_size=2)
+    for prompt, text in zip(prompts, ours, strict=True):
+        expected = reference_greedy(model, tokenizer, prompt)
+        if expected is not None:
+            assert text == expected
