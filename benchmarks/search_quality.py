@@ -13,6 +13,8 @@ Arms, each at the same trial budget on the config with its `zoo:` replaced by Z:
   ps+dfs        both spaces together (`search: {space: both}`)
   baseline      the warm-start baselines (search/warmstart.py) scored on `test`; the best of them by its test
                 mean is the bar (a bar picked on test is the baseline's best case)
+  single model  for reference, the base and each expert unmerged (their test scores from zoo.json): a merge
+                is worth having only when it beats the best of them too (Sakana's "best source model")
 
 The pick is `export --trial best`'s (studies/front.py `pick_trial`). Per arm: the mean test score over search
 seeds ± its standard error over seeds, the per-run test SE from the per-item scores (evaluators/stderr.py),
@@ -78,6 +80,16 @@ def weighted_test(summary: dict[str, dict], weights: dict[str, float]) -> tuple[
     total = sum(abs(weights.get(n, 1.0)) for n in names) or 1.0
     mean = sum(weights.get(n, 1.0) * summary[n]["score"] for n in names) / total
     return mean, weighted_standard_error([summary[n].get("se") for n in names], [weights.get(n, 1.0) for n in names])
+
+
+def single_model_means(zoo_accuracy: dict, weights: dict[str, float]) -> dict[str, float]:
+    """Weighted test mean of the base and of each expert unmerged, from zoo.json's `accuracy`."""
+    models = {"base": zoo_accuracy["base"], **zoo_accuracy["experts"]}
+    means = {}
+    for name, scores in models.items():
+        total = sum(abs(weights.get(task, 1.0)) for task in scores) or 1.0
+        means[name] = sum(weights.get(task, 1.0) * score for task, score in scores.items()) / total
+    return means
 
 
 # --- configs ---
@@ -178,7 +190,7 @@ def arm_summary(runs: list[dict], bar: dict) -> dict:
     }
 
 
-def table(arms: dict[str, dict], baselines: dict[str, dict], bar_name: str, title: str):
+def table(arms: dict[str, dict], baselines: dict[str, dict], bar_name: str, title: str, singles: dict[str, float]):
     from rich.table import Table
 
     out = Table(title=title)
@@ -195,6 +207,9 @@ def table(arms: dict[str, dict], baselines: dict[str, dict], bar_name: str, titl
     bar = baselines[bar_name]
     out.add_row(f"baseline ({bar_name})", f"{bar['test_mean']:.3f}", "-" if bar["test_se"] is None else f"{bar['test_se']:.3f}",
                 "-", "-", "-", f"{bar['normalised']:.3f}", "-")  # fmt: skip
+    best_single = max(singles, key=singles.get)
+    out.add_row(f"best single model ({best_single}, unmerged)", f"{singles[best_single]:.3f}", "-",
+                f"{singles[best_single] - bar['test_mean']:+.3f}", "-", "-", "-", "-")  # fmt: skip
     return out
 
 
@@ -257,13 +272,14 @@ def main() -> None:
         ray.shutdown()
 
     title = f"search quality on {args.zoo}: {args.trials} trials, seeds {args.seeds}, {args.config}"
-    console.print(table(results, baselines, bar_name, title))
+    singles = single_model_means(json.loads((args.zoo / "zoo.json").read_text())["accuracy"], objective_weights(base))
+    console.print(table(results, baselines, bar_name, title, singles))
     console.print(runs_table(results, baselines[bar_name]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "commit": git_commit(), "config": args.config, "zoo": str(args.zoo), "trials": args.trials, "seeds": args.seeds,
         "workers": workers, "search_limit": args.search_limit, "expert_own_task": own,
-        "baselines": baselines, "best_baseline": bar_name, "arms": results,
+        "baselines": baselines, "best_baseline": bar_name, "single_models": singles, "arms": results,
     }  # fmt: skip
     args.out.write_text(json.dumps(payload, indent=2))
     console.print(f"wrote {args.out}")

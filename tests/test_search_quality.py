@@ -40,6 +40,15 @@ def test_normalised_score_divides_each_task_by_its_expert(quality):
         quality.normalised_score({"a": 0.4, "d": 0.3}, {"a": 0.8})
 
 
+def test_single_model_means_weight_each_task(quality):
+    accuracy = {
+        "base": {"a": 0.2, "b": 0.4},
+        "experts": {"a": {"a": 0.9, "b": 0.3}, "b": {"a": 0.1, "b": 0.7}},
+    }
+    means = quality.single_model_means(accuracy, {"a": 3.0, "b": 1.0})
+    assert means == pytest.approx({"base": (0.6 + 0.4) / 4, "a": (2.7 + 0.3) / 4, "b": (0.3 + 0.7) / 4})
+
+
 def test_mean_and_se_over_seeds(quality):
     mean, se = quality.mean_and_se([0.40, 0.42, 0.38])
     assert mean == pytest.approx(0.40)
