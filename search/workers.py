@@ -190,16 +190,7 @@ class TrialWorker:
     def _merge(self, recipe: dict, seed: int, timings: dict[str, float]) -> None:
         from mergetune.merge.recipe import Recipe
 
-        parsed = Recipe.from_dict(recipe)
-        if self.paths is not None:
-            self.paths.restore()  # the merge writes into the live model's own layers
-        if parsed.rules:
-            assert self.resident is not None
-            timings.update(timed(timings, "merge_s", lambda: self.resident.merge_into(parsed, self.backend.weight_sink(), seed=seed)))
-        if parsed.dataflow is not None:
-            if self.paths is None:
-                raise ConfigError("this recipe has a dataflow path; run it in a study with `search.space: dataflow` or `both`")
-            self.paths.apply(parsed.dataflow)
+        apply_recipe(Recipe.from_dict(recipe), self.backend, self.resident, self.paths, seed, timings)
 
     def _attempt(self, score: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, object]:
         """`score(timings)` as a result dict: scores and timings, or `error` for a failure or a non-finite score."""
@@ -221,6 +212,23 @@ class TrialWorker:
         if self._summary:
             result["score_se"] = {name: summary["se"] for name, summary in self._summary.items()}
         return {**result, "scores": scores, "timings": timings}
+
+
+def apply_recipe(recipe, backend, resident, paths, seed: int, timings: dict[str, float] | None = None) -> None:
+    """Make the backend's live model `recipe`'s: its merge (timed as `merge_s`), then its data-flow path."""
+    if paths is not None:
+        paths.restore()  # the merge writes into the live model's own layers
+    if recipe.rules:
+        assert resident is not None
+        merged = lambda: resident.merge_into(recipe, backend.weight_sink(), seed=seed)  # noqa: E731
+        if timings is None:
+            merged()
+        else:
+            timings.update(timed(timings, "merge_s", merged))
+    if recipe.dataflow is not None:
+        if paths is None:
+            raise ConfigError("this recipe has a dataflow path; run it in a study with `search.space: dataflow` or `both`")
+        paths.apply(recipe.dataflow)
 
 
 def load_path_model(config: StudyConfig, backend: object):

@@ -6,7 +6,6 @@ import logging
 
 from rich.progress import Progress
 
-from mergetune.core.errors import ConfigError
 from mergetune.merge.recipe import Recipe
 from mergetune.search.config import StudyConfig, parse_study_config
 
@@ -29,7 +28,7 @@ def summarise_recipes_on_split(
     from mergetune.evaluators.base import build_evaluator, load_backend
     from mergetune.merge.resident import ResidentModelSet
     from mergetune.search.plan import resident_placement
-    from mergetune.search.workers import load_modelset, load_path_model
+    from mergetune.search.workers import apply_recipe, load_modelset, load_path_model
 
     if isinstance(config, dict):
         config = parse_study_config(config, "study config")
@@ -43,15 +42,7 @@ def summarise_recipes_on_split(
     with Progress(transient=True) as progress:
         task = progress.add_task(f"scoring on {split}", total=len(recipes))
         for recipe in recipes:
-            if paths is not None:
-                paths.restore()
-            if recipe.rules:
-                assert resident is not None
-                resident.merge_into(recipe, backend.weight_sink(), seed=recipe.seed)
-            if recipe.dataflow is not None:
-                if paths is None:
-                    raise ConfigError("a recipe with a dataflow path needs a study config with `search.space: dataflow` or `both`")
-                paths.apply(recipe.dataflow)
+            apply_recipe(recipe, backend, resident, paths, recipe.seed)
             results.append(evaluator.summarise(backend, split=split))
             progress.advance(task)
     return results
