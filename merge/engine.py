@@ -121,7 +121,7 @@ def _merge_sliced(plan, name, base, models, stats, seed, thresholds, deltas: boo
         b = base.to(torch.float32)
         return [m.to(torch.float32) - b for m in models]
 
-    summaries = InputSummaries(task_vectors, stats.get("moments"), torch.get_num_threads()) if deltas else None
+    summaries = InputSummaries(task_vectors, stats.get("moments")) if deltas else None
     out = torch.empty(models[0].numel(), dtype=torch.float32, device=models[0].device)
     chunk = chunk_elements(models[0].device.type, kernels.compiled)
     return merge_sliced(plan, name, shape, fetch, out, chunk, seed, thresholds, summaries, kernels)

@@ -149,15 +149,17 @@ def combined(
         summed = weighted[0]
         for d in weighted[1:]:
             summed = summed + d
-        positive = summed >= 0  # the elected sign; 0 elects +
+        # The elected sign as ±1 (0 elects +); d agrees where d·sign > 0, so zeros never agree. Arithmetic, not
+        # torch.where: the same booleans, and eager CPU `where` is ~10× slower than a multiply.
+        sign = (summed >= 0).to(torch.float32) * 2 - 1
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for w, d in zip(weights, weighted):
-            agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+            agree = d * sign > 0
             mixed = mixed + d * agree
             divisor = divisor + agree * w
         if normalize:
-            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+            mixed = mixed / (divisor + (divisor == 0))  # a divisor of 0 becomes 1, any other stays exactly
     if lambda_ != 1:
         mixed = mixed * lambda_
     return mixed + base

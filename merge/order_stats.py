@@ -72,8 +72,8 @@ class TensorOrder:
     @classmethod
     def sorted(cls, scores: Tensor, direction: str = "desc") -> TensorOrder:
         """The same order from one sort, uncompressed: every value and the whole tie order as `torch.sort` gives
-        it (8 bytes an entry) — for a one-shot merge, which selects once and needs neither the run table nor
-        the tied positions."""
+        it (8 bytes an entry) — where `sort_positions.SortPositions`, which finds a one-shot selection without
+        sorting, cannot (NaN scores, introsort's depth limit)."""
         flat = scores.detach().reshape(-1).to("cpu", torch.float32)
         values, indices = torch.sort(flat, descending=direction == "desc")
         ascending = values if direction == "asc" else values.flip(0)

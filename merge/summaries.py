@@ -161,8 +161,5 @@ class TensorView:
     def order(self, kind: str, model: int, direction: str) -> TensorOrder:
         return self._summaries.order(kind, self._experts[model], self._name, direction)
 
-    def prefetch(self, kind: str, direction: str, models: list[int]) -> None:
-        """Nothing to do: the worker builds its orders at load (`ModelSummaries.precompute`) or on first use."""
-
     def row_ranks(self, model: int) -> Tensor:
         return self._summaries.row_ranks(self._experts[model], self._name)

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergetune.merge.methods.registry import InputSummaries
 from mergetune.merge.order_stats import TensorOrder, row_ranks
 from mergetune.merge.sparsify import global_cut, position_mask, sort_positions
 from mergetune.merge.thresholds import GlobalThresholds, SummaryThresholds
@@ -152,16 +151,3 @@ def test_row_ranks_rank_each_row_by_magnitude_with_ties_in_index_order(shape):
         want = sorted(range(row.numel()), key=lambda i: (abs(float(row[i])), i))
         assert [want.index(i) for i in range(row.numel())] == got.tolist()
     assert ranks.dtype == torch.int16
-
-
-@pytest.mark.parametrize("direction", ["desc", "asc"])
-def test_orders_prefetched_in_threads_are_the_sequential_ones(direction):
-    gen = torch.Generator().manual_seed(3)
-    deltas = [(0.02 * torch.randn(300, 40, generator=gen)).bfloat16().float() for _ in range(3)]
-    sequential = InputSummaries(deltas, None, threads=1)
-    threaded = InputSummaries(deltas, None, threads=3)
-    threaded.prefetch("magnitude", direction, [0, 2])
-    for m in range(3):
-        want = position_mask(deltas[m].abs(), 100, 7000, descending=direction == "desc")
-        for summaries in (sequential, threaded):
-            assert torch.equal(summaries.order("magnitude", m, direction).select(direction, 100, 7000).mask(deltas[m].abs()), want)

@@ -149,11 +149,6 @@ def gta(
     if sparsify in ("random", "magprune"):
         check_range(x.offset, given[0].numel())
 
-    selecting = [m for m in range(k) if rho[m] < 1]
-    if sparsify in ("magnitude", "band") and selecting:
-        direction = "asc" if sparsify == "band" and scope == "tensor" else "desc"
-        x.prefetch_orders("magnitude", direction, selecting)
-
     def args(m: int, factor: float | None = None, divide: bool = False) -> tuple | None:
         return expert_args(x, sparsify, m, rho[m], eps[m], gammas[m], scope, given[m], factor, divide)
 

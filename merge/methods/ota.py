@@ -44,8 +44,6 @@ def ota(
     rho = per_model(density, x.num_models)
     stored = x.stored is not None
     base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
-    if any(r < 1 for r in rho):
-        x.prefetch_orders("saliency", "desc", [k for k, r in enumerate(rho) if r < 1])
     bounds = []
     for k, (like, r) in enumerate(zip(given, rho)):
         if r >= 1:

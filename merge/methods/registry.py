@@ -20,7 +20,6 @@ import hashlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, Union, get_args, get_origin, get_type_hints
@@ -32,6 +31,7 @@ from mergetune.core.errors import ConfigError
 from mergetune.merge.domains import choice_problem, literal_choices
 from mergetune.merge.kernels import EAGER, Kernels
 from mergetune.merge.order_stats import TensorOrder, row_ranks
+from mergetune.merge.sort_positions import SortPositions
 from mergetune.merge.sparsify import GlobalCut, scores_of
 
 PerModel = Union[float, Sequence[float]]
@@ -59,53 +59,32 @@ Supplied by the engine, which computes it once per (expert, density) over the wh
 class TensorSummaries(Protocol):
     """A tensor's order statistics per expert (index in the rule), computed once per study by the engine."""
 
-    def order(self, kind: str, model: int, direction: str) -> TensorOrder: ...
-
-    def prefetch(self, kind: str, direction: str, models: Sequence[int]) -> None:
-        """Build the orders these experts will ask for, at once (concurrently where the summaries can)."""
-        ...
+    def order(self, kind: str, model: int, direction: str) -> TensorOrder | SortPositions: ...
 
     def row_ranks(self, model: int) -> Tensor: ...
 
 
 class InputSummaries:
-    """Order statistics computed from a whole tensor's own task vectors (and moments), on first use, for a merge
-    that selects once per tensor (the disk engine; a method called on a whole tensor): one sort per (kind,
-    expert, direction), kept uncompressed (`TensorOrder.sorted`). `prefetch` sorts several experts' scores
-    in up to `threads` threads at once (torch's CPU sort of one tensor runs on one core and releases the GIL).
+    """Order statistics from a whole tensor's own task vectors (and moments), on first use, for a merge that
+    selects once per tensor (the disk engine; a method called on a whole tensor): each (kind, expert)'s scores
+    as `SortPositions`, which finds a selection's entries in `torch.sort` order without sorting.
 
     `deltas` are the float32 τ_k of the whole tensor, or a function making them when first needed."""
 
-    def __init__(
-        self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None, threads: int = 1
-    ) -> None:
-        self._given, self._moments, self._threads = deltas, moments, threads
-        self._orders: dict[tuple[str, int], TensorOrder] = {}
+    def __init__(self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None) -> None:
+        self._given, self._moments = deltas, moments
+        self._orders: dict[tuple[str, int], SortPositions] = {}
         self._ranks: dict[int, Tensor] = {}
 
     @cached_property
     def _deltas(self) -> list[Tensor]:
         return self._given() if callable(self._given) else self._given
 
-    def _scores(self, kind: str, model: int) -> Tensor:
-        return scores_of(kind, self._deltas[model], self._moments[model] if self._moments else None)
-
-    def order(self, kind: str, model: int, direction: str) -> TensorOrder:
-        order = self._orders.get((kind, model))
-        if order is None:
-            order = self._orders[(kind, model)] = TensorOrder.sorted(self._scores(kind, model), direction)
-        elif direction not in order.ties:
-            order.add_direction(self._scores(kind, model), direction)
-        return order
-
-    def prefetch(self, kind: str, direction: str, models: Sequence[int]) -> None:
-        missing = [m for m in models if (kind, m) not in self._orders]
-        if self._threads < 2 or len(missing) < 2:
-            return  # built on first use
-        self._deltas  # made once, before the threads share them
-        with ThreadPoolExecutor(max_workers=min(self._threads, len(missing))) as pool:
-            built = list(pool.map(lambda m: TensorOrder.sorted(self._scores(kind, m), direction), missing))
-        self._orders.update({(kind, m): order for m, order in zip(missing, built)})
+    def order(self, kind: str, model: int, direction: str) -> SortPositions:
+        if (kind, model) not in self._orders:
+            moments = self._moments[model] if self._moments else None
+            self._orders[(kind, model)] = SortPositions(scores_of(kind, self._deltas[model], moments))
+        return self._orders[(kind, model)]
 
     def row_ranks(self, model: int) -> Tensor:
         if model not in self._ranks:
@@ -234,13 +213,9 @@ class TensorInputs:
             self.memo["summaries"] = InputSummaries(self.deltas, self.moments)
         return self.memo["summaries"]
 
-    def order(self, kind: str, model: int, direction: str) -> TensorOrder:
+    def order(self, kind: str, model: int, direction: str) -> TensorOrder | SortPositions:
         """Expert `model`'s scores of `kind` ("magnitude" |τ|, "saliency" v·τ²) on this tensor, in sort order."""
         return self._summaries().order(kind, model, direction)
-
-    def prefetch_orders(self, kind: str, direction: str, models: Sequence[int]) -> None:
-        """Let the summaries build these experts' orders of `kind` at once (`TensorSummaries.prefetch`)."""
-        self._summaries().prefetch(kind, direction, models)
 
     def row_ranks(self, model: int) -> Tensor:
         """Expert `model`'s |τ| rank of every entry within its row, over the whole tensor (`order_stats.row_ranks`)."""
