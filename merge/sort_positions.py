@@ -172,9 +172,11 @@ def emulates_torch_sort() -> bool:
         cuts = [1, n // 3, n // 2, n - 1]
         for direction in ("desc", "asc"):
             reference = torch.sort(scores, descending=direction == "desc").indices
-            vals, idx = followed(scores, direction, cuts)
+            found = followed(scores, direction, cuts)
+            if found is None:
+                return False
             for c in cuts:
-                if set(idx[:c].tolist()) != set(reference[:c].tolist()):
+                if set(found[1][:c].tolist()) != set(reference[:c].tolist()):
                     return False
     return True
 
@@ -217,7 +219,7 @@ class SortPositions:
         if low == high:
             if low_whole and high_whole:
                 return Selection.bounded(low, True, high, True, [])
-            return Selection.bounded(low, False, high, False, [kept_idx])
+            return Selection.bounded(low, False, high, False, [kept_idx.clone()])  # not a view holding all of idx
         indices = [kept_idx[kept == value] for value, whole in ((low, low_whole), (high, high_whole)) if not whole]
         if low_whole and below.numel() == 0:
             low = -math.inf  # the smallest scores, whole: no lower bound to compare
