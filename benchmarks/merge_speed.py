@@ -161,8 +161,10 @@ def _timed(fn) -> float:
 
 
 def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at_a_time: bool = False) -> dict:
-    """Per method: the median resident re-merge (after one warm-up merge) and the load-time order statistics
-    it reads — computed for all methods at once, or (`one_method_at_a_time`) afresh for each, to bound memory."""
+    """Per method: the median resident re-merge (after one warm-up merge) and the order statistics it reads —
+    every kind the methods declare, computed at load for all methods at once; or (`one_method_at_a_time`, to
+    bound memory) afresh for each method, only those its recipe reads (breadcrumbs per tensor: the ascending
+    order alone), built during the warm-up merge."""
     import gc
 
     import torch
@@ -183,19 +185,23 @@ def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at
         started = time.perf_counter()
         resident = ResidentModelSet.load(modelset)
         load_s = time.perf_counter() - started
-        orders = tuple(sorted({kind for m in group for kind in get_method(m).orders}))
+        declared = tuple(sorted({kind for m in group for kind in get_method(m).orders}))
         started = time.perf_counter()
-        resident.summaries.precompute(orders, modelset.experts, torch.get_num_threads())
+        if not one_method_at_a_time:
+            resident.summaries.precompute(declared, modelset.experts, torch.get_num_threads())
         orders_s = time.perf_counter() - started
         for method in group:
             recipe = Recipe.from_dict(
                 {"models": {"base": str(root / "base"), **{e: str(root / e) for e in EXPERTS}}, "base": "base", "rules": [rules(method)]}
             )
-            times = [_timed(lambda r=resident, rc=recipe: r.merge_into(rc, LiveModelSink(live), seed=0)) for _ in range(repeats + 1)][1:]
+            times = [_timed(lambda r=resident, rc=recipe: r.merge_into(rc, LiveModelSink(live), seed=0)) for _ in range(repeats + 1)]
+            seconds = statistics.median(times[1:])
+            if one_method_at_a_time:
+                orders_s = resident.summaries.build_s  # during the warm-up merge
             out[method] = {
-                "seconds": statistics.median(times),
+                "seconds": seconds,
                 "load_s": load_s,
-                "orders": list(orders),
+                "orders": list(declared) if not one_method_at_a_time else resident.summaries.built_kinds,
                 "orders_s": orders_s,
                 "orders_bytes": resident.summaries.nbytes,
                 "orders_bytes_per_param_expert": resident.summaries.nbytes / (params * len(EXPERTS)),

@@ -71,6 +71,12 @@ class ModelSummaries:
         self.build_s += time.perf_counter() - started
         return order
 
+    @property
+    def built_kinds(self) -> list[str]:
+        """The kinds (`registry.ORDER_KINDS`) built so far, for any expert and tensor."""
+        kinds = {f"{kind}.{direction}" for (kind, _, _), order in self._orders.items() for direction in order.ties}
+        return sorted(kinds | ({"row_ranks"} if self._ranks else set()))
+
     def row_ranks(self, expert: str, name: str) -> Tensor:
         key = (expert, name)
         if key not in self._ranks:
