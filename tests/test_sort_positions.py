@@ -28,6 +28,16 @@ def test_the_emulation_matches_this_torch():
     assert emulates_torch_sort()
 
 
+def test_the_self_check_refuses_an_emulation_that_differs(monkeypatch):
+    unsorted = lambda scores, direction, cuts: (scores.clone(), torch.arange(scores.numel(), dtype=torch.int32))  # noqa: E731
+    monkeypatch.setattr(sort_positions, "followed", unsorted)
+    emulates_torch_sort.cache_clear()
+    try:
+        assert not emulates_torch_sort()
+    finally:
+        emulates_torch_sort.cache_clear()
+
+
 @PROPERTY
 @given(
     n=st.sampled_from([1, 2, 3, 16, 17, 33, 257, 1000, 3001, 20000]),
