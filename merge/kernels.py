@@ -67,8 +67,17 @@ def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied:
     return keep if tied is None else (keep.to(torch.float32) + tied.to(torch.float32)) > 0
 
 
+def ranks_carrier(ranks: Tensor) -> Tensor:
+    """DELLA's row ranks as a kernel reads them: int16 ranks on a CPU as bf16 words of the same bits (a view),
+    since Inductor's CPU backend vectorizes no int16 load (della's kernel ran scalar, ~10× slower);
+    `della_probabilities` reads the integers back."""
+    return ranks.view(torch.bfloat16) if ranks.dtype == torch.int16 and ranks.device.type == "cpu" else ranks
+
+
 def della_probabilities(ranks: Tensor, offset: float, slope: float) -> Tensor:
-    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`)."""
+    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`); `ranks` integers, or `ranks_carrier`'s words."""
+    if ranks.dtype == torch.bfloat16:  # bf16 → float32 puts the 16 bits on top, exactly (NaN patterns too)
+        ranks = ranks.to(torch.float32).view(torch.int32) >> 16
     return offset + slope * ranks.to(torch.float32)
 
 

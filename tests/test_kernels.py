@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_sliced_methods import NAME, cuts_for, inputs_for, stored_models
 
-from mergetune.merge.kernels import EAGER, Kernels
+from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
@@ -64,3 +64,14 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
         stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
         assert torch.equal(stored_eager.view(eager.shape), eager)
         assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
+
+
+def test_della_ranks_carried_as_bf16_words_give_the_int16_probabilities():
+    """A CPU kernel reads int16 row ranks as bf16 words (`ranks_carrier`); every rank reads back exactly, NaN
+    bit patterns (ranks ≥ 32641) and denormal ones (1..127) included, eager and compiled."""
+    ranks = torch.cat([torch.arange(1 << 15, dtype=torch.int16), torch.arange(17, dtype=torch.int16)])
+    want = della_probabilities(ranks, 0.4, 0.2 / 32767)
+    carried = ranks_carrier(ranks)
+    assert carried.dtype == torch.bfloat16
+    for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
+        assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
