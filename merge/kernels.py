@@ -200,6 +200,23 @@ def ota_slice(
     return merged
 
 
+def weighted_add(acc: Tensor, x: Tensor, w: float) -> Tensor:
+    """acc + w·x rounded once, as eager `add(alpha=)` computes it (a fused multiply-add); compiled code spells the
+    fma out, since Inductor (told not to contract) would round the product and the sum apart."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.fma(x, w, acc)
+    return acc.add(x, alpha=w)
+
+
+def linear_slice(models: list[Tensor], weights: list[float], total: float | None) -> Tensor:
+    """Σ w_k θ_k in float32 in mergekit's order (fused multiply-adds onto zeros), divided by the float32 Σw
+    `total` (None: unnormalised); the models as stored or float32."""
+    out = torch.zeros_like(models[0], dtype=torch.float32)
+    for w, m in zip(weights, models):
+        out = weighted_add(out, m.to(torch.float32), w)
+    return out if total is None else out / total
+
+
 def combined_slice(
     base: Tensor, given: list[Tensor], stored: bool, weights: list[float], consensus: bool, normalize: bool, total: float | None, lambda_: float
 ) -> Tensor:
@@ -208,7 +225,7 @@ def combined_slice(
     return combined(base, taus, weights, consensus, normalize, total, lambda_)
 
 
-KERNELS = ("rescaled", "combined", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
+KERNELS = ("rescaled", "combined", "linear_slice", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
 
 
 class Kernels:

@@ -75,3 +75,20 @@ def test_della_ranks_carried_as_bf16_words_give_the_int16_probabilities():
     assert carried.dtype == torch.bfloat16
     for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
         assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 17, 1000003])
+def test_compiled_linear_keeps_the_fused_multiply_adds(n, normalize):
+    """Linear from the models (as stored, bf16, and float32): the compiled kernel rounds each w·θ + acc once, as
+    eager `add(alpha=)` does — the vector body and the tail, signed zeros too."""
+    g = torch.Generator().manual_seed(n)
+    models = [torch.randn(n, generator=g) * 10 ** torch.randint(-3, 3, (n,), generator=g) for _ in range(3)]
+    models[0][::5] = -0.0
+    for stored in (models, [m.bfloat16() for m in models]):
+        def run(kernels):
+            x = TensorInputs(name=NAME, weights=[0.7, 0.4, 0.3], stored=StoredSlice(None, stored), kernels=kernels)
+            return get_method("linear")(x, normalize=normalize)
+
+        eager = run(EAGER)
+        assert torch.equal(eager.view(torch.int32), run(COMPILED).view(torch.int32))
