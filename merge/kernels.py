@@ -185,8 +185,9 @@ def ota_slice(
     epsilon: float,
 ) -> Tensor:
     """OTA on one slice: θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
-    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (a
-    compiled pow rounds differently). Where a mask is active and every expert is masked out, θ₀."""
+    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (eager
+    CPU pow(v, 0.5) is not correctly rounded — ~16% of entries differ from IEEE sqrt — and a compiled sqrt is).
+    Where a mask is active and every expert is masked out, θ₀."""
     base, taus = task_vectors(base, given, stored)
     numerator = torch.zeros_like(base)
     total = torch.zeros_like(base)
