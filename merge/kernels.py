@@ -67,8 +67,17 @@ def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied:
     return keep if tied is None else (keep.to(torch.float32) + tied.to(torch.float32)) > 0
 
 
+def ranks_carrier(ranks: Tensor) -> Tensor:
+    """DELLA's row ranks as a kernel reads them: int16 ranks on a CPU as bf16 words of the same bits (a view),
+    since Inductor's CPU backend vectorizes no int16 load (della's kernel ran scalar, ~10× slower);
+    `della_probabilities` reads the integers back."""
+    return ranks.view(torch.bfloat16) if ranks.dtype == torch.int16 and ranks.device.type == "cpu" else ranks
+
+
 def della_probabilities(ranks: Tensor, offset: float, slope: float) -> Tensor:
-    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`)."""
+    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`); `ranks` integers, or `ranks_carrier`'s words."""
+    if ranks.dtype == torch.bfloat16:  # bf16 → float32 puts the 16 bits on top, exactly (NaN patterns too)
+        ranks = ranks.to(torch.float32).view(torch.int32) >> 16
     return offset + slope * ranks.to(torch.float32)
 
 
@@ -149,8 +158,9 @@ def combined(
         summed = weighted[0]
         for d in weighted[1:]:
             summed = summed + d
-        # The elected sign as ±1 (0 elects +); d agrees where d·sign > 0, so zeros never agree. Arithmetic, not
-        # torch.where: the same booleans, and eager CPU `where` is ~10× slower than a multiply.
+        # The elected sign as ±1 (0 elects +); d agrees where d·sign > 0, so zeros never agree. Multiplies, not
+        # torch.where: the same bits, and eager CPU `where` is ~10× slower than a multiply (a disk merge's TIES
+        # combine 2.6× faster; a compiled one within 7% of selecting with `where`).
         sign = (summed >= 0).to(torch.float32) * 2 - 1
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
@@ -176,8 +186,9 @@ def ota_slice(
     epsilon: float,
 ) -> Tensor:
     """OTA on one slice: θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
-    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (a
-    compiled pow rounds differently). Where a mask is active and every expert is masked out, θ₀."""
+    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (eager
+    CPU pow(v, 0.5) is not correctly rounded — ~16% of entries differ from IEEE sqrt — and a compiled sqrt is).
+    Where a mask is active and every expert is masked out, θ₀."""
     base, taus = task_vectors(base, given, stored)
     numerator = torch.zeros_like(base)
     total = torch.zeros_like(base)
@@ -193,6 +204,23 @@ def ota_slice(
     return merged
 
 
+def weighted_add(acc: Tensor, x: Tensor, w: float) -> Tensor:
+    """acc + w·x rounded once, as eager `add(alpha=)` computes it (a fused multiply-add); compiled code spells the
+    fma out, since Inductor (told not to contract) would round the product and the sum apart."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.fma(x, w, acc)
+    return acc.add(x, alpha=w)
+
+
+def linear_slice(models: list[Tensor], weights: list[float], total: float | None) -> Tensor:
+    """Σ w_k θ_k in float32 in mergekit's order (fused multiply-adds onto zeros), divided by the float32 Σw
+    `total` (None: unnormalised); the models as stored or float32."""
+    out = torch.zeros_like(models[0], dtype=torch.float32)
+    for w, m in zip(weights, models):
+        out = weighted_add(out, m.to(torch.float32), w)
+    return out if total is None else out / total
+
+
 def combined_slice(
     base: Tensor, given: list[Tensor], stored: bool, weights: list[float], consensus: bool, normalize: bool, total: float | None, lambda_: float
 ) -> Tensor:
@@ -201,7 +229,7 @@ def combined_slice(
     return combined(base, taus, weights, consensus, normalize, total, lambda_)
 
 
-KERNELS = ("rescaled", "combined", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
+KERNELS = ("rescaled", "combined", "linear_slice", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
 
 
 class Kernels:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_sliced_methods import NAME, cuts_for, inputs_for, stored_models
 
-from mergetune.merge.kernels import EAGER, Kernels
+from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
@@ -64,3 +64,31 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
         stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
         assert torch.equal(stored_eager.view(eager.shape), eager)
         assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
+
+
+def test_della_ranks_carried_as_bf16_words_give_the_int16_probabilities():
+    """A CPU kernel reads int16 row ranks as bf16 words (`ranks_carrier`); every rank reads back exactly, NaN
+    bit patterns (ranks ≥ 32641) and denormal ones (1..127) included, eager and compiled."""
+    ranks = torch.cat([torch.arange(1 << 15, dtype=torch.int16), torch.arange(17, dtype=torch.int16)])
+    want = della_probabilities(ranks, 0.4, 0.2 / 32767)
+    carried = ranks_carrier(ranks)
+    assert carried.dtype == torch.bfloat16
+    for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
+        assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 17, 1000003])
+def test_compiled_linear_keeps_the_fused_multiply_adds(n, normalize):
+    """Linear from the models (as stored, bf16, and float32): the compiled kernel rounds each w·θ + acc once, as
+    eager `add(alpha=)` does — the vector body and the tail, signed zeros too."""
+    g = torch.Generator().manual_seed(n)
+    models = [torch.randn(n, generator=g) * 10 ** torch.randint(-3, 3, (n,), generator=g) for _ in range(3)]
+    models[0][::5] = -0.0
+    for stored in (models, [m.bfloat16() for m in models]):
+        def run(kernels):
+            x = TensorInputs(name=NAME, weights=[0.7, 0.4, 0.3], stored=StoredSlice(None, stored), kernels=kernels)
+            return get_method("linear")(x, normalize=normalize)
+
+        eager = run(EAGER)
+        assert torch.equal(eager.view(torch.int32), run(COMPILED).view(torch.int32))

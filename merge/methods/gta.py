@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge.counter_rng import check_range, key_tensor, stream_key, tensor_key
+from mergetune.merge.kernels import ranks_carrier
 from mergetune.merge.methods.combine import combine_weights
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model
 from mergetune.merge.order_stats import Selection
@@ -113,7 +114,7 @@ def expert_args(
     if sparsify == "random":
         return key, density, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    ranks = x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape)
+    ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape))
     epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
     return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 

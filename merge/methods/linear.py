@@ -20,10 +20,7 @@ def linear(x: TensorInputs, *, normalize: bool = True) -> Tensor:
         for w, d in zip(x.weights, x.deltas_given):
             out.add_(d, alpha=w * scale)
         return out
-    # From the models: mergekit's float32 order (fused multiply-adds, then one division).
-    out = torch.zeros_like(x.models[0])
-    for w, m in zip(x.weights, x.models):
-        out.add_(m, alpha=w)
-    if scale != 1.0:
-        out.div_(torch.tensor(x.weights, dtype=torch.float32).sum())
-    return out
+    # From the models (as stored, when sliced): mergekit's float32 order (fused multiply-adds, then one division).
+    divisor = float(torch.tensor(x.weights, dtype=torch.float32).sum()) if scale != 1.0 else None
+    models = x.stored.models if x.stored is not None else x.models
+    return x.kernels.linear_slice(models, [float(w) for w in x.weights], divisor)
