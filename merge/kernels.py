@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from mergetune.merge.counter_rng import first_round, keep_from_bits, stream_bits
+from mergetune.merge.counter_rng import first_round, keep_below, keep_from_bits, stream_bits
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,14 @@ def della_probabilities(ranks: Tensor, offset: float, slope: float) -> Tensor:
 
 def sparsified(tau: Tensor, sparsify: str, args: tuple, hashed: Tensor | None) -> Tensor:
     """One expert's τ̂ (see `methods.gta`): `args` are (low, high, tied, factor, divide_by) for a selection
-    ("magnitude", "band"), (stream key, ρ, factor, divide_by) for "random", (stream key, ranks, π offset,
+    ("magnitude", "band"), (stream key, `keep_threshold(ρ)`, factor, divide_by) for "random", (stream key, ranks, π offset,
     π slope, factor, divide) for "magprune"; `hashed` is the slice's first round of the counter-based draws."""
     if sparsify in ("magnitude", "band"):
         low, high, tied, factor, divide_by = args
         return rescaled(tau, selected(tau, None, low, high, tied), factor, divide_by)
     if sparsify == "random":
-        key, probability, factor, divide_by = args
-        return rescaled(tau, keep_from_bits(stream_bits(hashed, key), probability), factor, divide_by)
+        key, threshold, factor, divide_by = args
+        return rescaled(tau, keep_below(stream_bits(hashed, key), threshold), factor, divide_by)
     key, ranks, offset, slope, factor, divide = args
     probabilities = della_probabilities(ranks, offset, slope)
     keep = keep_from_bits(stream_bits(hashed, key), probabilities)

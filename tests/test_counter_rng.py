@@ -9,8 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mergetune.merge.counter_rng import stream_key, tensor_key, uniforms
+from mergetune.merge.counter_rng import keep_below, keep_threshold, stream_key, tensor_key, uniforms
 from mergetune.merge.methods import TensorInputs, get_method
 
 NAME = "model.layers.3.self_attn.q_proj.weight"
@@ -60,7 +62,7 @@ def _dare_mask(tau: torch.Tensor, density: float, seed: int, method: str = "dare
 def test_dare_masks_equal_the_numpy_reference_and_slices_do_not_matter(threads):
     tau = torch.ones(300, 701)
     for k, mask in enumerate(_dare_mask(tau, 0.3, seed=11)):
-        want = numpy_uniforms(11, NAME, k, 0, tau.numel()).reshape(tau.shape) < np.float32(0.3)
+        want = numpy_uniforms(11, NAME, k, 0, tau.numel()).reshape(tau.shape).astype(np.float64) < 0.3  # exactly: u < ρ
         assert np.array_equal(mask.numpy(), want)
 
 
@@ -98,3 +100,14 @@ def test_experts_tensors_and_seeds_draw_independent_masks():
     for other in (uniforms(0, NAME, 1, 0, 10_000), uniforms(0, "lm_head.weight", 0, 0, 10_000), uniforms(1, NAME, 0, 0, 10_000)):
         agreement = float((a == (other < 0.5)).float().mean())
         assert abs(agreement - 0.5) < 0.03
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(0.0, 1.0), st.integers(0, 1 << 24).map(lambda u: u / 2**24), st.sampled_from([0.1, 0.3, 0.5, 0.9, 1.0 - 2**-30])))
+def test_keep_threshold_decides_exactly_as_uniform_below_probability(probability):
+    # every 24-bit uniform next to the cut, and the extremes: the integer compare keeps exactly where u < p (a float32
+    # compare would round p·2^24 to float32 first: for p ≥ 0.25 that moves the cut by one uniform)
+    cut = int(probability * 2**24)
+    words = sorted({u for u in (0, 1, cut - 2, cut - 1, cut, cut + 1, cut + 2, (1 << 24) - 1) if 0 <= u < 1 << 24})
+    bits = torch.tensor([u << 8 for u in words], dtype=torch.int64).to(torch.int32)  # bits whose top 24 are u
+    assert keep_below(bits, keep_threshold(probability)).tolist() == [u * 2.0**-24 < probability for u in words]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
-from mergetune.merge.counter_rng import check_range, key_tensor, stream_key, tensor_key
+from mergetune.merge.counter_rng import check_range, keep_threshold, key_tensor, stream_key, tensor_key
 from mergetune.merge.kernels import ranks_carrier
 from mergetune.merge.methods.combine import combine_weights
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model
@@ -112,7 +112,8 @@ def expert_args(
     key = x.memo.setdefault(("stream key", model, like.device), key_tensor(stream_key(x.seed, x.name, model), like.device))
     density = min(max(density, 0.0), 1.0)
     if sparsify == "random":
-        return key, density, factor, density if divide and density > 0 else None
+        threshold = x.memo.setdefault(("keep threshold", model, like.device), key_tensor(keep_threshold(density), like.device))
+        return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
     ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape))
     epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
