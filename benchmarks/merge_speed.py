@@ -10,7 +10,7 @@ in a temp dir, then measures in one run:
       breadcrumbs_ties, della, ota with density < 1; rank-1 second moments for OTA), after the
       worker's load-time order statistics (`summaries.ModelSummaries.precompute`: its time and
       bytes per parameter and expert are reported); with --large, on the larger model of
-      `benchmarks/scale.py` too (its order statistics for one method at a time);
+      `benchmarks/scale.py` too (its order statistics for one method at a time, its inputs mapped: `host` placement);
   (c) the floor: bytes that must be read (base + experts) and written (the merge) ÷ the memory
       bandwidth of a large torch copy.
 Both tools compute in float32 and write bfloat16, with the same thread count.
@@ -160,11 +160,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at_a_time: bool = False) -> dict:
+def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at_a_time: bool = False, placement: str = "device") -> dict:
     """Per method: the median resident re-merge (after one warm-up merge) and the order statistics it reads —
     every kind the methods declare, computed at load for all methods at once; or (`one_method_at_a_time`, to
     bound memory) afresh for each method, only those its recipe reads (breadcrumbs per tensor: the ascending
-    order alone), built during the warm-up merge."""
+    order alone), built during the warm-up merge. The inputs in `placement` (`placement.Placement`)."""
+    import ctypes
     import gc
 
     import torch
@@ -183,7 +184,7 @@ def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at
     out: dict[str, dict] = {}
     for group in groups:
         started = time.perf_counter()
-        resident = ResidentModelSet.load(modelset)
+        resident = ResidentModelSet.load(modelset, placement=placement)
         load_s = time.perf_counter() - started
         declared = tuple(sorted({kind for m in group for kind in get_method(m).orders}))
         started = time.perf_counter()
@@ -208,6 +209,7 @@ def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at
             }
         del resident
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the freed order statistics back to the OS before the next method's
     return out
 
 
@@ -226,7 +228,9 @@ def resident_table(title: str, timings: dict, floor_s: float):
 
 
 def large_model_timings(args, bandwidth: float, console) -> dict:
-    """The resident re-merge on `benchmarks/scale.py`'s model (its default shape), one method's order statistics at a time."""
+    """The resident re-merge on `benchmarks/scale.py`'s model (its default shape), one method's order statistics at a
+    time, the inputs mapped from their files (`host` placement, as a multi-worker node holds them): held as a private
+    copy besides the live model and TIES's 10 GB of order statistics, the 805M set reached this machine's 24 GiB."""
     import scale
 
     with tempfile.TemporaryDirectory(prefix="merge_speed-large-") as tmp:
@@ -236,7 +240,7 @@ def large_model_timings(args, bandwidth: float, console) -> dict:
         scale.write_rank1_moments(root, args.seed)
         model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         console.print(f"built the large model set: {params / 1e6:.0f}M params, {time.perf_counter() - started:.0f}s")
-        timings = resident_timings(root, list(RESIDENT_METHODS), args.repeats, one_method_at_a_time=True)
+        timings = resident_timings(root, list(RESIDENT_METHODS), args.repeats, one_method_at_a_time=True, placement="host")
     floor_s = (2 + len(EXPERTS)) * model_bytes / bandwidth
     console.print(resident_table(f"Resident re-merge, {params / 1e6:.0f}M params (scale.py's model), {args.threads} thread(s)", timings, floor_s))
     return {"params": params, "model_bytes": model_bytes, "floor_s": floor_s, "resident": timings}
