@@ -29,7 +29,7 @@ from mergetune.merge.moments import rank1_reconstruct_slice
 from mergetune.merge.placement import Key, Placement, ResidentInputs, Staged
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.ruleplan import CHUNK_ELEMENTS, RulePlan, chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
-from mergetune.merge.sinks import Sink
+from mergetune.merge.sinks import LiveModelSink, Sink
 from mergetune.merge.summaries import ModelSummaries
 from mergetune.merge.thresholds import SummaryThresholds
 
@@ -173,7 +173,9 @@ class ResidentModelSet:
     def merge_into(self, recipe: Recipe, sink: Sink, seed: int) -> dict[str, float]:
         """Merge the recipe into `sink` tensor by tensor; returns timings (seconds).
 
-        A tensor handed to `sink.write` may be a workspace view: valid only during the call.
+        A tensor handed to `sink.write` may be a workspace view: valid only during the call. A sliceable rule's
+        tensor goes straight into a live model's storage (`LiveModelSink.place`), each slice converted to its
+        dtype there: no float32 copy of the whole tensor is written and read again.
         """
         schedule = tensor_schedule(self.modelset, recipe)
         keys = [self._keys(name, plan) for name, plan in schedule]
@@ -181,22 +183,26 @@ class ResidentModelSet:
         self.inputs.drop_prefetches()
         for i, (name, plan) in enumerate(schedule):
             started = time.perf_counter()
+            placed = None
+            if plan is not None and plan.sliceable and isinstance(sink, LiveModelSink):
+                placed = sink.place(name, self.modelset.reference.infos[name].numel, self.device)
             with self.inputs.staged(keys[i], keys[i + 1] if i + 1 < len(keys) else None) as staged:
-                out = self._merge_tensor(name, plan, staged, seed)
+                out = self._merge_tensor(name, plan, staged, seed, placed)
                 computed = time.perf_counter()
-                sink.write(name, out)
+                if placed is None:
+                    sink.write(name, out)
                 del out  # before the next tensor's temporaries: one merged tensor alive at a time
             compute += computed - started
             write += time.perf_counter() - computed
         sink.close()
         return {"merge_compute_s": compute, "merge_write_s": write}
 
-    def _merge_tensor(self, name: str, plan: RulePlan | None, staged: Staged, seed: int) -> Tensor:
+    def _merge_tensor(self, name: str, plan: RulePlan | None, staged: Staged, seed: int, placed: Tensor | None = None) -> Tensor:
         ms = self.modelset
         if plan is None:
             return staged.tensor(self._weight(ms.reference, name))
         if plan.sliceable:
-            return self._merge_in_slices(name, plan, staged, seed)
+            return self._merge_in_slices(name, plan, staged, seed, placed)
         shape = ms.reference.infos[name].shape
         has_base = ms.base is not None
         base = staged.fill(self.workspace.buffer("base", self._largest, shape), self._weight(ms.base, name)) if has_base else None
@@ -218,8 +224,9 @@ class ResidentModelSet:
         row, col = (staged.tensor(key).to(self.device) for key in entries)  # rank-1: two small vectors
         return rebuild_stat([row, col], out=out)
 
-    def _merge_in_slices(self, name: str, plan: RulePlan, staged: Staged, seed: int) -> Tensor:
-        """A sliceable rule, slice by slice of the flattened tensors, into the `out` buffer (same bytes as whole).
+    def _merge_in_slices(self, name: str, plan: RulePlan, staged: Staged, seed: int, placed: Tensor | None = None) -> Tensor:
+        """A sliceable rule, slice by slice of the flattened tensors, into `placed` (the sink's storage) or the
+        `out` buffer (same bytes as whole).
 
         The base and experts go to the method as stored (views of the staged inputs: no float32 copies); the
         statistics are filled in float32 slice buffers (rank-1 moments expanded for the slice only).
@@ -260,7 +267,7 @@ class ResidentModelSet:
             return StoredSlice(base, models), sliced_stats
 
         summaries = self.summaries.for_tensor(name, plan.experts) if plan.uses_deltas(ms.base is not None) else None
-        out = self.workspace.buffer("out", self._largest)
+        out = placed if placed is not None else self.workspace.buffer("out", self._largest)
         return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries, self.kernels)
 
     # --- order statistics: the task vectors (and moments) of one expert's tensor, from the stored inputs ---

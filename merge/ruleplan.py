@@ -222,8 +222,9 @@ def merge_sliced(
     kernels: Kernels = EAGER,
 ) -> Tensor:
     """A sliceable rule over slices [start, start + chunk) of the flattened tensor, into `out` (flat, at least the
-    tensor's size); returns `out`'s first entries as the tensor. `fetch(start, stop)` gives a slice's inputs as
-    stored (the methods make float32 task vectors of them in their kernels: float32(θ_k) − float32(θ₀)).
+    tensor's size: float32, or a sink's storage in its own dtype, each slice rounded to it once); returns `out`'s
+    first entries as the tensor. `fetch(start, stop)` gives a slice's inputs as stored (the methods make float32
+    task vectors of them in their kernels: float32(θ_k) − float32(θ₀)).
 
     A method that declares `totals` first sums its partial sums over every slice (float64, in slice order),
     then merges each slice with them.

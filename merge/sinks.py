@@ -70,6 +70,19 @@ class LiveModelSink:
             target.copy_(tensor)
         self._written.add(live)
 
+    def place(self, name: str, numel: int, device: torch.device) -> Tensor | None:
+        """The flat storage on `device` that tensor `name` (`numel` entries) lands in, for a merge that writes it
+        there slice by slice instead of calling `write` (it counts as written); None where it must go through
+        `write` (dropped, elsewhere, another size: `write` says why)."""
+        live = self._live.setdefault(name, None if self._names.dropped(name) else self._names.to_live(name))
+        target = self._targets.get(live) if live is not None else None
+        if target is None or target.numel() != numel or target.device != device or not target.is_contiguous():
+            return None
+        if any(other in self._written for other in self._tied.get(live, ())):
+            target = self._untie(live, target)
+        self._written.add(live)
+        return target.detach().view(-1)
+
     def _untie(self, name: str, target: Tensor) -> Tensor:
         owner, _, attr = name.rpartition(".")
         untied = torch.nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)

@@ -236,3 +236,37 @@ def test_rank1_moments_stay_compressed_until_their_tensor_is_merged(bf16_models,
     v_hat = rank1_reconstruct(v.sum(1), v.sum(0))
     weight = v_hat.pow(0.5) + 1e-30
     torch.testing.assert_close(merged, base + weight * (code - base) / weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_sliced_rules_write_straight_into_the_live_model_as_the_disk_engine_rounds(bf16_models, placement, small_chunks_and_slabs):
+    from transformers import AutoModelForCausalLM
+
+    from mergetune.merge.sinks import LiveModelSink
+
+    recipe = _recipe(bf16_models, RULES_NEEDING_BASE)
+    modelset = ModelSet.from_recipe(recipe)
+    resident = ResidentModelSet.load(modelset, placement=placement)
+    live = AutoModelForCausalLM.from_pretrained(bf16_models["base"], dtype=torch.bfloat16)
+    storage = {name: t.data_ptr() for name, t in live.state_dict().items()}
+    resident.merge_into(recipe, LiveModelSink(live), seed=recipe.seed)
+    disk = {}
+    merge_modelset(modelset, recipe, _BF16(disk), seed=recipe.seed)
+    state = live.state_dict()
+    different = [name for name in disk if not torch.equal(state[name], disk[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
+    assert {name: t.data_ptr() for name, t in state.items()} == storage  # in place: an evaluator's views stay valid
+    # every rule here is sliceable: slices went into the model's bf16 storage, no float32 tensor-sized output was made
+    assert resident.workspace.nbytes < max(info.numel for info in modelset.reference.infos.values()) * 4
+    resident.close()
+
+
+class _BF16(Collect):
+    """The disk engine's output as a bf16 model holds it: each merged float32 tensor rounded once, whole."""
+
+    def __init__(self, into: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.tensors = into
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor.detach().to("cpu", torch.bfloat16, copy=True)
