@@ -67,17 +67,19 @@ def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied:
     return keep if tied is None else (keep.to(torch.float32) + tied.to(torch.float32)) > 0
 
 
-def ranks_carrier(ranks: Tensor) -> Tensor:
-    """DELLA's row ranks as a kernel reads them: int16 ranks on a CPU as bf16 words of the same bits (a view),
-    since Inductor's CPU backend vectorizes no int16 load (della's kernel ran scalar, ~10× slower);
-    `della_probabilities` reads the integers back."""
-    return ranks.view(torch.bfloat16) if ranks.dtype == torch.int16 and ranks.device.type == "cpu" else ranks
+def ranks_carrier(ranks: Tensor, buffer: Tensor | None = None) -> Tensor:
+    """DELLA's row ranks (one slice) as a kernel reads them: int16 ranks on a CPU widened to int32 (into `buffer`,
+    a flat int32 tensor of at least their size, when given), since Inductor's CPU backend vectorizes no int16 load
+    (della's kernel ran scalar, ~10× slower) and reading them as bf16 words costs a scalar bit cast per element
+    (that kernel was 1.9× slower than one reading int32 ranks)."""
+    if ranks.dtype != torch.int16 or ranks.device.type != "cpu":
+        return ranks
+    out = torch.empty(ranks.shape, dtype=torch.int32) if buffer is None else buffer[: ranks.numel()].view(ranks.shape)
+    return out.copy_(ranks)
 
 
 def della_probabilities(ranks: Tensor, offset: float, slope: float) -> Tensor:
-    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`); `ranks` integers, or `ranks_carrier`'s words."""
-    if ranks.dtype == torch.bfloat16:  # bf16 → float32 puts the 16 bits on top, exactly (NaN patterns too)
-        ranks = ranks.to(torch.float32).view(torch.int32) >> 16
+    """π = (ρ − ε) + (2ε/(n−1))·rank (`sparsify.della_probabilities`) of integer `ranks`."""
     return offset + slope * ranks.to(torch.float32)
 
 

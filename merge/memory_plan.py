@@ -201,9 +201,10 @@ class _Inputs:
 
 
 def workspace_bytes(
-    modelset: ModelSet, methods: list[MethodUse], device: str = "cuda", inputs: _Inputs | None = None
+    modelset: ModelSet, methods: list[MethodUse], device: str = "cuda", inputs: _Inputs | None = None, live_model: bool = True
 ) -> tuple[int, int, dict[str, int]]:
-    """(persistent, peak transient, per-method total) bytes of the resident merge's float32 workspace.
+    """(persistent, peak transient, per-method total) bytes of the resident merge's float32 workspace, merging into
+    a `live_model` (the HF backend's) or pushing each tensor (vLLM: a sliced rule's output is a tensor-sized buffer).
 
     Persistent: the reusable buffers every method of the space allocates at the largest
     tensor's size (base, one per expert, statistics; or a sliced rule's output and slices),
@@ -222,14 +223,14 @@ def workspace_bytes(
         stats = stat_kinds(spec, list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
         chunk = chunk_elements(device, kernels_for(inputs.base_elements, "resident").compiled)
-        roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk, staged=device == "cuda")
+        roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk, device == "cuda", live_model)
         needs = {role: n * 4 for role, n in roles_here.items()}
         # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized, but for
         # the tie masks of its selections (one bool per entry and expert, kept while the tensor merges).
         per_call = min(inputs.largest_elements, chunk) * 4 if sliced else largest
         stored = str(inputs.largest_dtype).removeprefix("torch.")
         peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params, stored) * per_call) for params in use.params)
-        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + SCALAR_BYTES
+        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + rank_buffer_bytes(spec, k, per_call // 4, device) + SCALAR_BYTES
         roles.update(needs)
         transient = max(transient, peak)
         per_method[use.name] = sum(needs.values()) + peak
@@ -263,6 +264,11 @@ def tie_mask_bytes(spec, experts: int, largest: int) -> int:
     return experts * largest if selects else 0
 
 
+def rank_buffer_bytes(spec, experts: int, per_call: int, device: str) -> int:
+    """The int32 copy of one slice's int16 row ranks a sliced CPU merge keeps per expert (`kernels.ranks_carrier`)."""
+    return experts * per_call * 4 if spec.sliceable and "row_ranks" in spec.orders and device == "cpu" else 0
+
+
 def _vllm_minimum(inputs: _Inputs, engine: Engine, itemsize: int) -> int:
     """Bytes vLLM needs on each GPU to start: its weights, activations of one batch, one max-length sequence of KV cache."""
     c = inputs.config
@@ -292,7 +298,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """The plan for `placement` ("auto": device when that fits with headroom, else host); see the module docstring."""
     inputs = _Inputs.of(modelset)
-    persistent, transient, per_method = workspace_bytes(modelset, methods, machine.device, inputs)
+    persistent, transient, per_method = workspace_bytes(modelset, methods, machine.device, inputs, engine.kind == "hf")
     context = _Context(modelset, inputs, engine, machine, persistent + transient, per_method, order_statistics_bytes(modelset, methods))
     if placement != "auto":
         return context.plan(placement, placement)

@@ -50,12 +50,13 @@ def largest_stat(modelset: ModelSet, kind: str) -> int:
 
 
 def workspace_roles(
-    sliced: bool, experts: int, stat_elements: dict[str, int], largest: int, chunk: int, staged: bool = False
+    sliced: bool, experts: int, stat_elements: dict[str, int], largest: int, chunk: int, staged: bool = False, live_model: bool = False
 ) -> dict[object, int]:
     """The float32 buffers (role → elements) a rule allocates in the workspace, kept for the worker's life.
 
     A method gets the base, each expert's input and each statistic at the largest tensor's size.
-    A sliced rule gets its output at that size and slices of `chunk` elements for its statistics —
+    A sliced rule gets its output at that size — unless it merges into a `live_model` (`LiveModelSink.place`:
+    slices go straight into the model's storage) — and slices of `chunk` elements for its statistics —
     the method's own buffers when no tensor is larger than one slice; its base and experts are read
     as stored.
     """
@@ -63,7 +64,7 @@ def workspace_roles(
         # The base and experts reach the method as stored (views); only inputs streamed from the host to a
         # GPU (`staged`) are copied, slice by slice, into float32 buffers.
         prefix, size = ("chunk.", chunk) if chunk < largest else ("", None)
-        roles: dict[object, int] = {"out": largest}
+        roles: dict[object, int] = {} if live_model else {"out": largest}
         if staged:
             roles.update({prefix + "base": size or largest, **{(prefix + "input", k): size or largest for k in range(experts)}})
         for kind, elements in stat_elements.items():

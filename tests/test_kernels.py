@@ -66,13 +66,13 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
         assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
 
 
-def test_della_ranks_carried_as_bf16_words_give_the_int16_probabilities():
-    """A CPU kernel reads int16 row ranks as bf16 words (`ranks_carrier`); every rank reads back exactly, NaN
-    bit patterns (ranks ≥ 32641) and denormal ones (1..127) included, eager and compiled."""
+def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():
+    """A CPU kernel reads int16 row ranks widened to int32 (`ranks_carrier`); every rank gives its probability
+    exactly, eager and compiled."""
     ranks = torch.cat([torch.arange(1 << 15, dtype=torch.int16), torch.arange(17, dtype=torch.int16)])
     want = della_probabilities(ranks, 0.4, 0.2 / 32767)
     carried = ranks_carrier(ranks)
-    assert carried.dtype == torch.bfloat16
+    assert carried.dtype == torch.int32 and torch.equal(carried, ranks.to(torch.int32))
     for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
         assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
 

@@ -115,7 +115,10 @@ def expert_args(
         threshold = x.memo.setdefault(("keep threshold", model, like.device), key_tensor(keep_threshold(density), like.device))
         return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape))
+    if ("ranks buffer", model) not in x.memo:  # a CPU kernel's int32 copy of each slice's ranks, reused by its slices
+        x.memo[("ranks buffer", model)] = torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None
+    stored_ranks = x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape)
+    ranks = ranks_carrier(stored_ranks, x.memo[("ranks buffer", model)])
     epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
     return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 
