@@ -23,7 +23,7 @@ from mergetune.core.fs import atomic_output_dir
 from mergetune.core.versions import package_versions
 from mergetune.merge.modelset import ModelSet
 from mergetune.merge.reader import open_reader
-from mergetune.merge.kernels import Kernels, kernels_for
+from mergetune.merge.kernels import Kernels, kernels_for, task_vectors
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
 from mergetune.merge.thresholds import GlobalThresholds
@@ -117,11 +117,7 @@ def _merge_sliced(plan, name, base, models, stats, seed, thresholds, deltas: boo
         sliced = {kind: None if ts is None else [flat(t)[start:stop] for t in ts] for kind, ts in stats.items()}
         return StoredSlice(None if base is None else flat(base)[start:stop], [flat(m)[start:stop] for m in models]), sliced
 
-    def task_vectors() -> list[torch.Tensor]:
-        b = base.to(torch.float32)
-        return [m.to(torch.float32) - b for m in models]
-
-    summaries = InputSummaries(task_vectors, stats.get("moments")) if deltas else None
+    summaries = InputSummaries(lambda: task_vectors(base, models, stored=True)[1], stats.get("moments")) if deltas else None
     out = torch.empty(models[0].numel(), dtype=torch.float32, device=models[0].device)
     chunk = chunk_elements(models[0].device.type, kernels.compiled)
     return merge_sliced(plan, name, shape, fetch, out, chunk, seed, thresholds, summaries, kernels)

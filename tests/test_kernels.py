@@ -92,3 +92,17 @@ def test_compiled_linear_keeps_the_fused_multiply_adds(n, normalize):
 
         eager = run(EAGER)
         assert torch.equal(eager.view(torch.int32), run(COMPILED).view(torch.int32))
+
+
+@pytest.mark.parametrize("kernels", [EAGER, COMPILED], ids=["eager", "compiled"])
+def test_ties_sign_election_on_exact_cancellation(kernels):
+    """A sum of exactly 0 elects + (mergekit: (Σ ≥ 0)·2 − 1), so its positive terms agree; zeros never agree."""
+    t1 = torch.tensor([1.0, -1.0, 2.0, 0.0, -0.0, -3.0])
+    t2 = torch.tensor([-1.0, 1.0, -2.0, 0.0, -0.0, 1.0])
+    t3 = torch.tensor([0.0, 0.0, 0.0, 0.0, -0.0, 2.0])
+    out = kernels.combined(torch.zeros(6), [t1, t2, t3], [1.0, 1.0, 1.0], True, True, None, 1.0)
+    # by hand: the + terms of each zero sum, divided by their weights' sum (the last: (1 + 2) / 2); no term agrees → 0
+    assert out.tolist() == [1.0, 1.0, 2.0, 0.0, 0.0, 1.5]
+    weighted = kernels.combined(torch.zeros(6), [t1, t2, t3], [0.5, 2.0, 1.0], True, True, None, 1.0)
+    # weighted sums −1.5, 1.5, −3, 0, −0, 2.5: the elected sign's weighted terms over their weights (the last: (2 + 2) / 3)
+    assert weighted.tolist() == [-1.0, 1.0, -2.0, 0.0, 0.0, float(torch.tensor(4.0) / 3)]
