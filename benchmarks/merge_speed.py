@@ -165,6 +165,7 @@ def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at
     every kind the methods declare, computed at load for all methods at once; or (`one_method_at_a_time`, to
     bound memory) afresh for each method, only those its recipe reads (breadcrumbs per tensor: the ascending
     order alone), built during the warm-up merge. The inputs in `placement` (`placement.Placement`)."""
+    import contextlib
     import ctypes
     import gc
 
@@ -209,7 +210,8 @@ def resident_timings(root: Path, methods: list[str], repeats: int, one_method_at
             }
         del resident
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the freed order statistics back to the OS before the next method's
+        with contextlib.suppress(OSError, AttributeError):  # glibc only: elsewhere the freed memory stays mapped
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # the freed order statistics back to the OS before the next method's
     return out
 
 
