@@ -56,32 +56,37 @@ class LiveModelSink:
         self._tied = {name: [o for o in names if o != name] for names in storage.values() if len(names) > 1 for name in names}
 
     def write(self, name: str, tensor: Tensor) -> None:
-        if name not in self._live:
-            self._live[name] = None if self._names.dropped(name) else self._names.to_live(name)
-        live = self._live[name]
+        live = self._live_name(name)
         if live is None:
             return
         target = self._targets.get(live)
         if target is None:
             raise KeyError(f"the live model has no tensor {name!r}" + (f" (nor {live!r}, its name once loaded)" if live != name else ""))
-        if any(other in self._written for other in self._tied.get(live, ())):
-            target = self._untie(live, target)
         with torch.no_grad():
-            target.copy_(tensor)
-        self._written.add(live)
+            self._claim(live, target).copy_(tensor)
 
     def place(self, name: str, numel: int, device: torch.device) -> Tensor | None:
         """The flat storage on `device` that tensor `name` (`numel` entries) lands in, for a merge that writes it
         there slice by slice instead of calling `write` (it counts as written); None where it must go through
         `write` (dropped, elsewhere, another size: `write` says why)."""
-        live = self._live.setdefault(name, None if self._names.dropped(name) else self._names.to_live(name))
+        live = self._live_name(name)
         target = self._targets.get(live) if live is not None else None
         if target is None or target.numel() != numel or target.device != device or not target.is_contiguous():
             return None
+        return self._claim(live, target).detach().view(-1)
+
+    def _live_name(self, name: str) -> str | None:
+        """Where checkpoint tensor `name` lives in the model (None: dropped on load), resolved once."""
+        if name not in self._live:
+            self._live[name] = None if self._names.dropped(name) else self._names.to_live(name)
+        return self._live[name]
+
+    def _claim(self, live: str, target: Tensor) -> Tensor:
+        """`target` (untied first if its tied twin was written already), marked written."""
         if any(other in self._written for other in self._tied.get(live, ())):
             target = self._untie(live, target)
         self._written.add(live)
-        return target.detach().view(-1)
+        return target
 
     def _untie(self, name: str, target: Tensor) -> Tensor:
         owner, _, attr = name.rpartition(".")

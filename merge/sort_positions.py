@@ -155,7 +155,8 @@ def _follow_cuts(vals, idx, cuts, descending, depth_limit):
 
 @njit(nogil=True, cache=True)
 def _iota(idx):
-    """idx[i] = i (torch.arange of int32 costs 1.8 ns an entry on one CPU thread, this ~4× less)."""
+    """idx[i] = i (torch's int32 arange costs 1.8 ns an entry on one CPU thread; in a disk TIES merge this took 0.23 s
+    where arange took 0.35 s, the rest being page faults of the fresh index)."""
     for i in range(idx.shape[0]):
         idx[i] = i
 

@@ -45,6 +45,13 @@ SPARSIFIERS = ("magnitude", "band", "random", "magprune")
 FRACTION_TOLERANCE = 1e-9  # ρ + γ sums like 0.9 + 0.1 land a hair below 1
 
 
+def memoized(x: TensorInputs, key: tuple, make):
+    """`x.memo[key]`, made on first use (once per tensor, not per slice: keys hash a name, tensors allocate)."""
+    if key not in x.memo:
+        x.memo[key] = make()
+    return x.memo[key]
+
+
 # --- selections: computed once per tensor from its order statistics, shared by its slices ---
 
 
@@ -109,16 +116,15 @@ def expert_args(
         return selection.low, selection.high, None if tied is None else tied.view(like.shape), factor, density if divide else None
     if x.seed is None:
         raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
-    key = x.memo.setdefault(("stream key", model, like.device), key_tensor(stream_key(x.seed, x.name, model), like.device))
+    key = memoized(x, ("stream key", model, like.device), lambda: key_tensor(stream_key(x.seed, x.name, model), like.device))
     density = min(max(density, 0.0), 1.0)
     if sparsify == "random":
-        threshold = x.memo.setdefault(("keep threshold", model, like.device), key_tensor(keep_threshold(density), like.device))
+        threshold = memoized(x, ("keep threshold", model, like.device), lambda: key_tensor(keep_threshold(density), like.device))
         return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    if ("ranks buffer", model) not in x.memo:  # a CPU kernel's int32 copy of each slice's ranks, reused by its slices
-        x.memo[("ranks buffer", model)] = torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None
-    stored_ranks = x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape)
-    ranks = ranks_carrier(stored_ranks, x.memo[("ranks buffer", model)])
+    # a CPU kernel's int32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
+    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None)
+    ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape), buffer)
     epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
     return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 
@@ -149,7 +155,7 @@ def gta(
     if base is None:
         raise ValueError(f"{x.name}: '{method}' needs a base model")
     device = given[0].device
-    key = x.memo.setdefault(("tensor key", device), key_tensor(tensor_key(x.seed or 0, x.name), device))
+    key = memoized(x, ("tensor key", device), lambda: key_tensor(tensor_key(x.seed or 0, x.name), device))
     offset = key_tensor(x.offset, device)
     if sparsify in ("random", "magprune"):
         check_range(x.offset, given[0].numel())
