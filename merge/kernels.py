@@ -33,6 +33,12 @@ _COMPILE_OPTIONS = {
     "emulate_precision_casts": True,  # Triton: no fused multiply-adds (enable_fp_fusion off)
     "eager_numerics.division_rounding": True,  # Triton: IEEE division, as eager
     "eager_numerics.disable_ftz": True,  # Triton: keep denormals, as eager
+    # Every step inlined into its consumers (Inductor's CSE computes it once there), none realized as a buffer of its
+    # own: a kernel with a float-only node tiles by float32's 8 lanes, where AVX2 loads and stores bf16 by halves of
+    # a 16-lane vector through the stack (a TIES kernel ran 2.6x slower; benchmarks/kernel_tiling.py).
+    "realize_reads_threshold": 1 << 20,
+    "realize_opcount_threshold": 1 << 20,
+    "realize_acc_reads_threshold": 1 << 20,
 }
 
 
@@ -62,7 +68,8 @@ def rescaled(tau: Tensor, keep: Tensor, factor: float | None, divide_by: float |
 
 def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied: Tensor | None) -> Tensor:
     """The keep-mask of a selection (`order_stats.Selection`): scores |τ| (v·τ² given moments) strictly between
-    its bounds, or marked in `tied` (uint8: a bool tensor would cost a compiled kernel a slow vector load)."""
+    its bounds, or marked in `tied` (0/1 of `Kernels.mark_dtype`: a bool tensor would cost a compiled kernel a slow
+    vector load)."""
     scores = tau.abs() if moments is None else moments * tau.square()
     if not torch.compiler.is_compiling() and moments is None and high == math.inf:
         # Eagerly one pass, not three (a top-k's bound): |τ| < inf fails only for an infinite τ, whose merge is
@@ -73,8 +80,18 @@ def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied:
     if tied is None:
         return keep
     if not torch.compiler.is_compiling():
-        return keep.logical_or_(tied.view(torch.bool))  # eagerly one pass, not three (0/1 bytes are valid bools)
+        # eagerly one pass, not three (0/1 bytes are valid bools); bf16 marks where a compiled kernel fell back to eager
+        return keep.logical_or_(tied.view(torch.bool) if tied.dtype == torch.uint8 else tied != 0)
     return (keep.to(torch.float32) + tied.to(torch.float32)) > 0
+
+
+def into(out: Tensor | None, merged: Tensor) -> Tensor:
+    """`merged` rounded once into `out` (the slice's destination, in its own dtype: a live model's storage), which is
+    returned; or `merged` itself when there is none. Compiled, the kernel stores each result there as it computes it:
+    no float32 tensor of the slice is made, faulted in, and read again by a second copy."""
+    if out is None:
+        return merged
+    return out.copy_(merged)
 
 
 def ranks_carrier(ranks: Tensor, buffer: Tensor | None = None) -> Tensor:
@@ -131,14 +148,15 @@ def gta_slice(
     normalize: bool,
     total: float | None,
     lambda_: float,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """The task-arithmetic family on one slice: τ̂_k by `sparsified`, then `combined`.
+    """The task-arithmetic family on one slice: τ̂_k by `sparsified`, then `combined` (`into` `out`).
     `offset` and `key` (the tensor's `counter_rng.tensor_key`; 0-dim int32 tensors) place the slice's
     counter-based draws; a stream's key (in its args) is a 0-dim int32 tensor too."""
     base, taus = task_vectors(base, given, stored)
     hashed = _hashed(sparsify, base, offset, key)
     kept = [sparsified(tau, sparsify, args, hashed) for tau, args in zip(taus, experts)]
-    return combined(base, kept, weights, consensus, normalize, total, lambda_)
+    return into(out, combined(base, kept, weights, consensus, normalize, total, lambda_))
 
 
 def gta_l1_sums(
@@ -199,8 +217,9 @@ def ota_slice(
     bounds: list[tuple[float, float, Tensor | None] | None],
     weights: list[float],
     epsilon: float,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """OTA on one slice: θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
+    """OTA on one slice (`into` `out`): θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
     v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (eager
     CPU pow(v, 0.5) is not correctly rounded — ~16% of entries differ from IEEE sqrt — and a compiled sqrt is).
     Where a mask is active and every expert is masked out, θ₀."""
@@ -216,7 +235,7 @@ def ota_slice(
     merged = base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)
     if any(bound is not None for bound in bounds):
         merged = torch.where(total <= 1.1 * len(taus) * epsilon, base, merged)
-    return merged
+    return into(out, merged)
 
 
 def weighted_add(acc: Tensor, x: Tensor, w: float) -> Tensor:
@@ -227,21 +246,22 @@ def weighted_add(acc: Tensor, x: Tensor, w: float) -> Tensor:
     return acc.add(x, alpha=w)
 
 
-def linear_slice(models: list[Tensor], weights: list[float], total: float | None) -> Tensor:
+def linear_slice(models: list[Tensor], weights: list[float], total: float | None, out: Tensor | None = None) -> Tensor:
     """Σ w_k θ_k in float32 in mergekit's order (fused multiply-adds onto zeros), divided by the float32 Σw
-    `total` (None: unnormalised); the models as stored or float32."""
-    out = torch.zeros_like(models[0], dtype=torch.float32)
+    `total` (None: unnormalised), `into` `out`; the models as stored or float32."""
+    summed = torch.zeros_like(models[0], dtype=torch.float32)
     for w, m in zip(weights, models):
-        out = weighted_add(out, m.to(torch.float32), w)
-    return out if total is None else out / total
+        summed = weighted_add(summed, m.to(torch.float32), w)
+    return into(out, summed if total is None else summed / total)
 
 
 def combined_slice(
-    base: Tensor, given: list[Tensor], stored: bool, weights: list[float], consensus: bool, normalize: bool, total: float | None, lambda_: float
+    base: Tensor, given: list[Tensor], stored: bool, weights: list[float], consensus: bool, normalize: bool, total: float | None,
+    lambda_: float, out: Tensor | None = None,
 ) -> Tensor:
-    """`combined` of one slice's task vectors, made from stored models or given."""
+    """`combined` of one slice's task vectors, made from stored models or given, `into` `out`."""
     base, taus = task_vectors(base, given, stored)
-    return combined(base, taus, weights, consensus, normalize, total, lambda_)
+    return into(out, combined(base, taus, weights, consensus, normalize, total, lambda_))
 
 
 KERNELS = ("rescaled", "combined", "linear_slice", "combined_slice", "gta_slice", "gta_l1_sums", "ota_slice")
@@ -255,6 +275,12 @@ class Kernels:
         for name in KERNELS:
             fn = globals()[name]
             setattr(self, name, _compiled(name, fn) if compiled else fn)
+
+    def mark_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the tie marks `selected` reads: bf16 in a compiled CPU kernel, whose 16-lane tiles load bf16
+        whole but uint8 by parts through the stack (TIES: 3.5 → 2.6 ns per element, 3 experts, AVX2), else uint8
+        (eagerly viewed as bools; a GPU kernel reads bytes fast)."""
+        return torch.bfloat16 if self.compiled and torch.device(device).type == "cpu" else torch.uint8
 
 
 RECOMPILE_LIMIT = 64  # compiled variants per kernel: sparsifier, consensus, experts, which rescale (dynamo's default is 8)

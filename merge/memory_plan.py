@@ -222,15 +222,16 @@ def workspace_bytes(
         available = {kind: set(files) for kind, files in modelset.stats.items()}
         stats = stat_kinds(spec, list(modelset.experts), available)
         elements = {kind: inputs.stat_elements.get(kind, 0) for kind in stats}
-        chunk = chunk_elements(device, kernels_for(inputs.base_elements, "resident").compiled)
+        compiled = kernels_for(inputs.base_elements, "resident").compiled
+        chunk = chunk_elements(device, compiled)
         roles_here = workspace_roles(sliced, k, elements, inputs.largest_elements, chunk, device == "cuda", live_model)
         needs = {role: n * 4 for role, n in roles_here.items()}
         # A sliced rule runs its method on one slice at a time: its temporaries are slice-sized, but for
-        # the tie masks of its selections (one bool per entry and expert, kept while the tensor merges).
+        # the tie marks of its selections (one or two bytes per entry and expert, kept while the tensor merges).
         per_call = min(inputs.largest_elements, chunk) * 4 if sliced else largest
         stored = str(inputs.largest_dtype).removeprefix("torch.")
         peak = max(math.ceil(method_peak_buffers(use.name, k, stats, params, stored) * per_call) for params in use.params)
-        peak += tie_mask_bytes(spec, k, inputs.largest_elements) + rank_buffer_bytes(spec, k, per_call // 4, device) + SCALAR_BYTES
+        peak += tie_mask_bytes(spec, k, inputs.largest_elements, device, compiled) + rank_buffer_bytes(spec, k, per_call // 4, device) + SCALAR_BYTES
         roles.update(needs)
         transient = max(transient, peak)
         per_method[use.name] = sum(needs.values()) + peak
@@ -258,10 +259,11 @@ def order_statistics_bytes(modelset: ModelSet, methods: list[MethodUse]) -> dict
 SCALAR_BYTES = 4096  # a method's scalar temporaries (weights, float64 sums): negligible, but counted
 
 
-def tie_mask_bytes(spec, experts: int, largest: int) -> int:
-    """The bool tie masks a sliced selection keeps per expert for the tensor being merged (`order_stats.Selection.tied`)."""
+def tie_mask_bytes(spec, experts: int, largest: int, device: str, compiled: bool) -> int:
+    """The tie marks a sliced selection keeps per expert for the tensor being merged (`order_stats.Selection.tied`):
+    a byte each, two in compiled CPU kernels (`Kernels.mark_dtype`)."""
     selects = spec.sliceable and any(kind != "row_ranks" for kind in spec.orders)
-    return experts * largest if selects else 0
+    return experts * largest * (2 if device == "cpu" and compiled else 1) if selects else 0
 
 
 def rank_buffer_bytes(spec, experts: int, per_call: int, device: str) -> int:

@@ -230,7 +230,7 @@ class Selection:
     low: float
     high: float
     indices: list[Tensor]
-    _tied: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _tied: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def bounded(cls, low: float, low_inclusive: bool, high: float, high_inclusive: bool, indices: list[Tensor]) -> Selection:
@@ -250,17 +250,19 @@ class Selection:
     def count_listed(self) -> int:
         return sum(t.numel() for t in self.indices)
 
-    def tied(self, numel: int, device: torch.device, offset: int = 0, count: int | None = None) -> Tensor | None:
-        """Entries [offset, offset + count) of a uint8 tensor of the whole tensor's size, 1 at the listed indices
-        (made once per device); None when none are listed."""
+    def tied(
+        self, numel: int, device: torch.device, offset: int = 0, count: int | None = None, dtype: torch.dtype = torch.uint8
+    ) -> Tensor | None:
+        """Entries [offset, offset + count) of a tensor of the whole tensor's size (uint8, or the `dtype` a kernel
+        reads, `Kernels.mark_dtype`), 1 at the listed indices (made once per device); None when none are listed."""
         if not self.indices:
             return None
-        if device not in self._tied:
-            out = torch.zeros(numel, dtype=torch.uint8, device=device)
+        if (device, dtype) not in self._tied:
+            out = torch.zeros(numel, dtype=dtype, device=device)
             for t in self.indices:
                 out[t.to(device=device, dtype=torch.int64)] = 1
-            self._tied[device] = out
-        return self._tied[device][offset : offset + (numel if count is None else count)]
+            self._tied[(device, dtype)] = out
+        return self._tied[(device, dtype)][offset : offset + (numel if count is None else count)]
 
     def mask(self, scores: Tensor, offset: int = 0, numel: int | None = None) -> Tensor:
         """The keep-mask of `scores`: elements [offset, offset + scores.numel()) of a tensor of `numel` entries

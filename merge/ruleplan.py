@@ -144,7 +144,8 @@ def merge_tensor(
     **slice_fields: object,
 ) -> Tensor:
     """Run one rule's method on one tensor, or on a slice of it (`stored` inputs; `slice_fields`: `TensorInputs`'s
-    offset, full_shape, summaries, totals, totals_pass, memo, kernels); float32 out. A non-finite result stops the merge."""
+    offset, full_shape, summaries, totals, totals_pass, memo, kernels, out); float32 out, or `out` (the slice's
+    destination) written by the method's kernel. A non-finite result stops the merge."""
 
     def cut(kind: str, index: int, keep: float) -> GlobalCut:
         return thresholds(kind, plan.experts[index], keep)
@@ -242,6 +243,8 @@ def merge_sliced(
             totals = part if totals is None else totals + part
     for start, stop in bounds:
         stored, stats = fetch(start, stop)
-        merged = merge_tensor(plan, name, None, None, None, stats, seed, thresholds, stored, offset=start, totals=totals, **fields)
-        out[start:stop].copy_(merged)
+        target = out[start:stop]
+        merged = merge_tensor(plan, name, None, None, None, stats, seed, thresholds, stored, offset=start, totals=totals, out=target, **fields)
+        if merged.data_ptr() != target.data_ptr():  # a method that made its own tensor (the kernels write into `target`)
+            target.copy_(merged)
     return out[:n].view(shape)

@@ -112,7 +112,7 @@ def expert_args(
             selection = top_selection(x, "magnitude", model, density, scope)
         else:
             selection = band_selection(x, model, density, gamma, scope)
-        tied = selection.tied(x.numel, like.device, x.offset, like.numel())
+        tied = selection.tied(x.numel, like.device, x.offset, like.numel(), x.kernels.mark_dtype(like.device))
         return selection.low, selection.high, None if tied is None else tied.view(like.shape), factor, density if divide else None
     if x.seed is None:
         raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
@@ -177,4 +177,4 @@ def gta(
     factors = {m: l1_factor(float(totals[2 * i]), float(totals[2 * i + 1])) for i, m in enumerate(rescaled)}
     experts = [args(m, factors.get(m), mode == "inverse_keep") for m in range(k)]
     weights, total = combine_weights(x.weights, consensus, normalize)
-    return x.kernels.gta_slice(base, given, stored, sparsify, experts, offset, key, weights, consensus, normalize, total, lambda_)
+    return x.kernels.gta_slice(base, given, stored, sparsify, experts, offset, key, weights, consensus, normalize, total, lambda_, x.out)

@@ -23,4 +23,4 @@ def linear(x: TensorInputs, *, normalize: bool = True) -> Tensor:
     # From the models (as stored, when sliced): mergekit's float32 order (fused multiply-adds, then one division).
     divisor = float(torch.tensor(x.weights, dtype=torch.float32).sum()) if scale != 1.0 else None
     models = x.stored.models if x.stored is not None else x.models
-    return x.kernels.linear_slice(models, [float(w) for w in x.weights], divisor)
+    return x.kernels.linear_slice(models, [float(w) for w in x.weights], divisor, x.out)

@@ -50,8 +50,8 @@ def ota(
             bounds.append(None)
             continue
         selection = top_selection(x, "saliency", k, r, scope)
-        tied = selection.tied(x.numel, like.device, x.offset, like.numel())
+        tied = selection.tied(x.numel, like.device, x.offset, like.numel(), x.kernels.mark_dtype(like.device))
         bounds.append((selection.low, selection.high, None if tied is None else tied.view(like.shape)))
     curvatures = [v.pow(power) for v in x.moments]
     weights = [float(w) for w in x.weights]
-    return x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds, weights, epsilon)
+    return x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds, weights, epsilon, x.out)

@@ -131,6 +131,7 @@ class TensorInputs:
         totals_pass: bool = False,  # return the slice's partial sums instead of merging
         memo: dict | None = None,  # facts derived once per tensor, shared by its slices
         kernels: Kernels = EAGER,  # how the sliceable methods' elementwise steps run (eager, or compiled)
+        out: Tensor | None = None,  # a slice's destination (flat, any float dtype): a sliceable method's kernel writes there
     ) -> None:
         given = [g for g in (models_given, deltas_given, stored) if g is not None]
         if len(given) != 1:
@@ -146,7 +147,7 @@ class TensorInputs:
         self.offset, self.full_shape, self.summaries = offset, full_shape, summaries
         self.totals, self.totals_pass = totals, totals_pass
         self.memo = {} if memo is None else memo
-        self.kernels = kernels
+        self.kernels, self.out = kernels, out
         if len(self.weights) != self.num_models:
             raise ValueError(f"{len(self.weights)} weights for {self.num_models} models")
 

@@ -14,4 +14,4 @@ def task_arithmetic(x: TensorInputs, *, lambda_: float = 1.0, normalize: bool = 
     stored = x.stored is not None
     base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
     weights, total = combine_weights(x.weights, False, normalize)
-    return x.kernels.combined_slice(base, given, stored, weights, False, normalize, total, lambda_)
+    return x.kernels.combined_slice(base, given, stored, weights, False, normalize, total, lambda_, x.out)
