@@ -208,11 +208,19 @@ def combined(
     return mixed + base
 
 
+def exact_sqrt(v: Tensor) -> Tensor:
+    """√v correctly rounded. A compiled sqrt is (IEEE); eager CPU float32 sqrt is not (~19% of entries an ulp off),
+    so eagerly it goes through float64 (exact once rounded back: 53 ≥ 2·24 + 2 bits)."""
+    if torch.compiler.is_compiling():
+        return v.sqrt()
+    return v.double().sqrt().float()
+
+
 def ota_slice(
     base: Tensor,
     given: list[Tensor],
     stored: bool,
-    curvatures: list[Tensor],
+    curvatures: list[Tensor] | None,
     moments: list[Tensor],
     bounds: list[tuple[float, float, Tensor | None] | None],
     weights: list[float],
@@ -220,14 +228,14 @@ def ota_slice(
     out: Tensor | None = None,
 ) -> Tensor:
     """OTA on one slice (`into` `out`): θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
-    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p, raised eagerly (eager
-    CPU pow(v, 0.5) is not correctly rounded — ~16% of entries differ from IEEE sqrt — and a compiled sqrt is).
-    Where a mask is active and every expert is masked out, θ₀."""
+    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p for p ≠ ½, raised eagerly
+    (a compiled pow need not round as eager pow does); None for p = ½: `exact_sqrt` here, in the kernel. Where a
+    mask is active and every expert is masked out, θ₀."""
     base, taus = task_vectors(base, given, stored)
     numerator = torch.zeros_like(base)
     total = torch.zeros_like(base)
-    for tau, vp, v, bound, w in zip(taus, curvatures, moments, bounds, weights):
-        weight = w * vp + epsilon
+    for k, (tau, v, bound, w) in enumerate(zip(taus, moments, bounds, weights)):
+        weight = w * (exact_sqrt(v) if curvatures is None else curvatures[k]) + epsilon
         if bound is not None:
             weight = weight * selected(tau, v, *bound)
         numerator = numerator + weight * tau

@@ -45,13 +45,25 @@ def rank1_reconstruct_slice(row_sums: Tensor, col_sums: Tensor, start: int, stop
     """Entries [start, stop) of the flattened V̂ (`rank1_reconstruct`, the same products), into `out` when given."""
     total = row_sums.sum()
     cols = col_sums.numel()
-    first, last = start // cols, -(-stop // cols)
+    if out is None:
+        out = torch.empty(stop - start, dtype=torch.float32, device=row_sums.device)
+    out = out[: stop - start]
     if total <= 0:
-        block = torch.zeros((last - first) * cols, dtype=torch.float32, device=row_sums.device)
-    else:
-        block = torch.mul((row_sums / total)[first:last].unsqueeze(1), col_sums.unsqueeze(0)).reshape(-1)
-    part = block[start - first * cols : stop - first * cols]
-    return part if out is None else out.copy_(part)
+        return out.zero_()
+    scaled = row_sums / total
+    # Written in place, row piece by row piece: a partial first row, the whole rows, a partial last row.
+    row, at = start // cols, start
+    while at < stop:
+        if at % cols == 0 and stop - at >= cols:
+            rows = (stop - at) // cols
+            piece = out[at - start : at - start + rows * cols].view(rows, cols)
+            torch.mul(scaled[row : row + rows].unsqueeze(1), col_sums.unsqueeze(0), out=piece)
+            row, at = row + rows, at + rows * cols
+        else:
+            end = min(stop, (row + 1) * cols)
+            torch.mul(scaled[row], col_sums[at - row * cols : end - row * cols], out=out[at - start : end - start])
+            row, at = row + 1, end
+    return out
 
 
 def is_compressed(metadata: dict[str, str] | None) -> bool:

@@ -22,7 +22,7 @@ from mergetune.merge.resident import ResidentModelSet
 from mergetune.merge.order_stats import TensorOrder
 from mergetune.merge.sparsify import topk_mask
 from mergetune.merge.thresholds import GlobalThresholds, SummaryThresholds
-from mergetune.merge.moments import compress_moments, rank1_reconstruct
+from mergetune.merge.moments import compress_moments, rank1_reconstruct, rank1_reconstruct_slice
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.sinks import LiveModelSink
@@ -403,6 +403,21 @@ def test_rank1_round_trip_is_exact_for_rank1_and_zero(tmp_path):
     original = load_file(src)
     torch.testing.assert_close(read["w"], original["w"])
     assert torch.equal(read["zero"], original["zero"]) and torch.equal(read["norm"], original["norm"])
+
+
+@pytest.mark.parametrize("rows,cols", [(7, 5), (1, 9), (9, 1)])
+def test_rank1_slices_are_the_whole_reconstruction_written_in_place(rows, cols):
+    torch.manual_seed(rows * cols)
+    row_sums, col_sums = torch.rand(rows), torch.rand(cols)
+    whole = rank1_reconstruct(row_sums, col_sums).reshape(-1)
+    n = rows * cols
+    for start in range(n):
+        for stop in range(start + 1, n + 1):
+            buffer = torch.full((n + 3,), 7.0)
+            got = rank1_reconstruct_slice(row_sums, col_sums, start, stop, out=buffer)
+            assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, whole[start:stop])
+            assert torch.equal(buffer[stop - start :], torch.full((n + 3 - (stop - start),), 7.0))
+    assert torch.equal(rank1_reconstruct_slice(torch.zeros(rows), col_sums, 0, n), torch.zeros(n))
 
 
 def test_statistics_for_another_model_are_refused(models, tmp_path):

@@ -118,7 +118,7 @@ def reference(case: str, base, deltas, moments, params) -> torch.Tensor:
             masks = [global_reference([(NAME, s)], r)[NAME] for s, r in zip(scores, rho)]
         else:
             masks = [topk_mask(s, r) for s, r in zip(scores, rho)]
-        weight = [(w * v.pow(0.5) + 1e-30) * m for w, v, m in zip(weights, moments, masks)]
+        weight = [(w * v.double().sqrt().float() + 1e-30) * m for w, v, m in zip(weights, moments, masks)]  # √v rounded once
         numerator, total = torch.zeros_like(base), torch.zeros_like(base)
         for wt, d in zip(weight, deltas):
             numerator += wt * d

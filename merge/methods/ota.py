@@ -52,6 +52,6 @@ def ota(
         selection = top_selection(x, "saliency", k, r, scope)
         tied = selection.tied(x.numel, like.device, x.offset, like.numel(), x.kernels.mark_dtype(like.device))
         bounds.append((selection.low, selection.high, None if tied is None else tied.view(like.shape)))
-    curvatures = [v.pow(power) for v in x.moments]
+    curvatures = None if power == 0.5 else [v.pow(power) for v in x.moments]  # √v: in the kernel (`kernels.ota_slice`)
     weights = [float(w) for w in x.weights]
     return x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds, weights, epsilon, x.out)
