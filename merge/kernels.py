@@ -33,9 +33,10 @@ _COMPILE_OPTIONS = {
     "emulate_precision_casts": True,  # Triton: no fused multiply-adds (enable_fp_fusion off)
     "eager_numerics.division_rounding": True,  # Triton: IEEE division, as eager
     "eager_numerics.disable_ftz": True,  # Triton: keep denormals, as eager
-    # Every step inlined into its consumers (Inductor's CSE computes it once there), none realized as a buffer of its
-    # own: a kernel with a float-only node tiles by float32's 8 lanes, where AVX2 loads and stores bf16 by halves of
-    # a 16-lane vector through the stack (a TIES kernel ran 2.6x slower; benchmarks/kernel_tiling.py).
+    # Every step inlined into its consumers (Inductor's CSE computes it once there), none realized as a node of its
+    # own: a kernel with a float-only node tiles by float32's 8 lanes, and AVX2 then loads and stores bf16 by halves
+    # of a 16-lane vector through the stack (TIES ran 2.7x slower, DARE 1.9x; benchmarks/kernel_tiling.py). Raising
+    # only the reads limit left DARE's L1 sums and TIES with tie marks 1.3-1.6x slower; compiling takes ~1.5x longer.
     "realize_reads_threshold": 1 << 20,
     "realize_opcount_threshold": 1 << 20,
     "realize_acc_reads_threshold": 1 << 20,
