@@ -41,10 +41,10 @@ def cases(k, base, given, out):
     marks = [torch.zeros(N, dtype=k.mark_dtype(base.device)) for _ in given]
     for m in marks:
         m[::97] = 1
-    ties = [(0.005, math.inf, m, None, None) for m in marks]
+    ties = [(0.005, None, m, None, None) for m in marks]
     dare = [(key_tensor(7 + i), key_tensor(keep_threshold(0.5)), 1.7, None) for i in range(len(given))]
     moments = [torch.rand(N) * 1e-12 for _ in given]
-    bounds = [(1e-20, math.inf, m) for m in marks]
+    bounds = [(1e-20, None, m) for m in marks]
     ones = [1.0] * len(given)
     return {
         "task_arithmetic": lambda: k.combined_slice(base, given, True, ones, False, False, None, 1.0, out),

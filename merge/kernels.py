@@ -43,9 +43,11 @@ _COMPILE_OPTIONS = {
 }
 
 
-def within(s: Tensor, low: float, high: float) -> Tensor:
-    """low < s < high, elementwise (float32 bounds, exclusive)."""
-    return (s > low) & (s < high)
+def within(s: Tensor, low: float | None, high: float | None) -> Tensor | None:
+    """low < s < high, elementwise (float32 bounds, exclusive; None: no bound on that side, None for none at all)."""
+    if low is None:
+        return None if high is None else s < high
+    return s > low if high is None else (s > low) & (s < high)
 
 
 def task_vectors(base: Tensor, given: list[Tensor], stored: bool) -> tuple[Tensor, list[Tensor]]:
@@ -55,9 +57,9 @@ def task_vectors(base: Tensor, given: list[Tensor], stored: bool) -> tuple[Tenso
     return base, ([g.to(torch.float32) - base for g in given] if stored else given)
 
 
-def rescaled(tau: Tensor, keep: Tensor, factor: float | None, divide_by: float | Tensor | None) -> Tensor:
-    """τ·keep, times the L1 `factor`, or divided by the keep probability (`divide_by`, clamped away from 0)."""
-    masked = tau * keep
+def rescaled(tau: Tensor, keep: Tensor | None, factor: float | None, divide_by: float | Tensor | None) -> Tensor:
+    """τ·keep (None: τ), times the L1 `factor`, or divided by the keep probability (`divide_by`, clamped away from 0)."""
+    masked = tau if keep is None else tau * keep
     if factor is not None:
         return masked * factor
     if divide_by is None:
@@ -67,19 +69,17 @@ def rescaled(tau: Tensor, keep: Tensor, factor: float | None, divide_by: float |
     return masked / divide_by
 
 
-def selected(tau: Tensor, moments: Tensor | None, low: float, high: float, tied: Tensor | None) -> Tensor:
-    """The keep-mask of a selection (`order_stats.Selection`): scores |τ| (v·τ² given moments) strictly between
-    its bounds, or marked in `tied` (0/1 of `Kernels.mark_dtype`: a bool tensor would cost a compiled kernel a slow
-    vector load)."""
-    scores = tau.abs() if moments is None else moments * tau.square()
-    if not torch.compiler.is_compiling() and moments is None and high == math.inf:
-        # Eagerly one pass, not three (a top-k's bound): |τ| < inf fails only for an infinite τ, whose merge is
-        # non-finite (and stops) whether it is kept or not.
-        keep = scores > low
-    else:
-        keep = within(scores, low, high)
+def selected(tau: Tensor, moments: Tensor | None, low: float | None, high: float | None, tied: Tensor | None) -> Tensor | None:
+    """The keep-mask of a selection (`order_stats.Selection.bounds`): scores |τ| (v·τ² given moments) strictly
+    between its bounds, or marked in `tied` (0/1 of `Kernels.mark_dtype`: a bool tensor would cost a compiled kernel
+    a slow vector load); None keeps everything."""
+    if low is None and high is None and tied is None:
+        return None
+    keep = within(tau.abs() if moments is None else moments * tau.square(), low, high)
     if tied is None:
         return keep
+    if keep is None:
+        return tied != 0
     if not torch.compiler.is_compiling():
         # eagerly one pass, not three (0/1 bytes are valid bools); bf16 marks where a compiled kernel fell back to eager
         return keep.logical_or_(tied.view(torch.bool) if tied.dtype == torch.uint8 else tied != 0)
@@ -237,8 +237,9 @@ def ota_slice(
     total = torch.zeros_like(base)
     for k, (tau, v, bound, w) in enumerate(zip(taus, moments, bounds, weights)):
         weight = w * (exact_sqrt(v) if curvatures is None else curvatures[k]) + epsilon
-        if bound is not None:
-            weight = weight * selected(tau, v, *bound)
+        keep = None if bound is None else selected(tau, v, *bound)
+        if keep is not None:
+            weight = weight * keep
         numerator = numerator + weight * tau
         total = total + weight
     merged = base + numerator / total.clamp_min(torch.finfo(torch.float32).tiny)

@@ -261,7 +261,9 @@ SCALAR_BYTES = 4096  # a method's scalar temporaries (weights, float64 sums): ne
 
 def tie_mask_bytes(spec, experts: int, largest: int, device: str, compiled: bool) -> int:
     """The tie marks a sliced selection keeps per expert for the tensor being merged (`order_stats.Selection.tied`):
-    a byte each, two in compiled CPU kernels (`Kernels.mark_dtype`)."""
+    a byte each, two in compiled CPU kernels (`Kernels.mark_dtype`). A CPU merge patches an expert's listed entries
+    instead where they are at most 1/256 of the slice (`boundary.PATCH_MAX_SHARE`): its index lists, gathers and eager
+    merge take ~80 bytes per patched entry, so at most ~0.3 per slice entry and expert: within this bound."""
     selects = spec.sliceable and any(kind != "row_ranks" for kind in spec.orders)
     return experts * largest * (2 if device == "cpu" and compiled else 1) if selects else 0
 

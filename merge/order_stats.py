@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,7 +35,10 @@ DIRECTIONS: tuple[str, ...] = ("desc", "asc")
 
 
 def _search(sorted_values: Tensor, value: float, right: bool) -> int:
-    return int(torch.searchsorted(sorted_values, torch.tensor([value], dtype=sorted_values.dtype), right=right))
+    """Where `value` (as the array's dtype) goes in a sorted CPU array: numpy's search of its zero-copy view, a
+    microsecond where torch's costs ~10 (a trial runs a dozen per tensor and expert)."""
+    array = sorted_values.numpy()
+    return int(np.searchsorted(array, array.dtype.type(value), side="right" if right else "left"))
 
 
 @dataclass
@@ -103,29 +107,30 @@ class TensorOrder:
     # --- lookups (positions in ascending value order, "asc positions") ---
     def value(self, asc_position: int) -> float:
         if self.values is not None:
-            return float(self.values[asc_position])
-        return float(self.run_values[int(torch.searchsorted(self.run_ends, asc_position, right=True))])
+            return float(self.values.numpy()[asc_position])
+        return float(self.run_values.numpy()[_search(self.run_ends, asc_position, right=True)])
 
     def run(self, asc_position: int) -> tuple[int, int]:
         """[first, stop) asc positions of the run of equal values holding `asc_position`."""
         if self.values is not None:
-            v = float(self.values[asc_position])
+            v = float(self.values.numpy()[asc_position])
             return _search(self.values, v, right=False), _search(self.values, v, right=True)
-        r = int(torch.searchsorted(self.run_ends, asc_position, right=True))
-        return (int(self.run_ends[r - 1]) if r else 0), int(self.run_ends[r])
+        r = _search(self.run_ends, asc_position, right=True)
+        ends = self.run_ends.numpy()
+        return (int(ends[r - 1]) if r else 0), int(ends[r])
 
     def count_at_least(self, value: float) -> int:
         """How many scores are ≥ value."""
         if self.values is not None:
             return self.n - _search(self.values, value, right=False)
         r = _search(self.run_values, value, right=False)
-        return self.n - (int(self.run_ends[r - 1]) if r else 0)
+        return self.n - (int(self.run_ends.numpy()[r - 1]) if r else 0)
 
     def count_greater(self, value: float) -> int:
         if self.values is not None:
             return self.n - _search(self.values, value, right=True)
         r = _search(self.run_values, value, right=True)
-        return self.n - (int(self.run_ends[r - 1]) if r else 0)
+        return self.n - (int(self.run_ends.numpy()[r - 1]) if r else 0)
 
     def max_value(self) -> float:
         return self.value(self.n - 1) if self.n else -math.inf
@@ -135,7 +140,7 @@ class TensorOrder:
         positions, indices = self.ties[direction]
         if positions is None:
             return indices[start:stop]
-        j = int(torch.searchsorted(positions, torch.tensor([start], dtype=positions.dtype)))
+        j = _search(positions, start, right=False)
         return indices[j : j + stop - start]
 
     # --- selections ---
@@ -215,7 +220,7 @@ def _next_float(value: float, toward: float) -> float:
     """The float32 next to `value` toward `toward` (±inf stays)."""
     if math.isinf(value):
         return value
-    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)))
+    return float(np.nextafter(np.float32(value), np.float32(toward)))
 
 
 @dataclass
@@ -231,6 +236,8 @@ class Selection:
     high: float
     indices: list[Tensor]
     _tied: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict, repr=False)
+    _sorted: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _stop: dict[torch.device, int] = field(default_factory=dict, repr=False)  # one past the largest listed index
 
     @classmethod
     def bounded(cls, low: float, low_inclusive: bool, high: float, high_inclusive: bool, indices: list[Tensor]) -> Selection:
@@ -264,12 +271,33 @@ class Selection:
             self._tied[(device, dtype)] = out
         return self._tied[(device, dtype)][offset : offset + (numel if count is None else count)]
 
-    def mask(self, scores: Tensor, offset: int = 0, numel: int | None = None) -> Tensor:
-        """The keep-mask of `scores`: elements [offset, offset + scores.numel()) of a tensor of `numel` entries
-        (the whole tensor by default)."""
-        keep = within(scores, self.low, self.high)
-        tied = self.tied(numel if numel is not None else scores.numel(), scores.device, offset, scores.numel())
-        return keep if tied is None else keep | tied.view(scores.shape).bool()
+    def bounds(self) -> tuple[float | None, float | None]:
+        """(low, high) as a kernel compares them (`kernels.within`): None where a bound excludes no number (−inf below,
+        +inf above; an infinite score in the top run is kept, as the reference's sort ranks it first)."""
+        return (None if self.low == -math.inf else self.low), (None if self.high == math.inf else self.high)
+
+    def listed(self, device: torch.device, offset: int, count: int) -> Tensor | None:
+        """The listed indices in entries [offset, offset + count), less `offset`: sorted int64 on `device` (all of
+        them sorted once per device); None when there are none."""
+        if not self.indices:
+            return None
+        if device not in self._sorted:
+            self._sorted[device] = torch.cat(self.indices).to(device=device, dtype=torch.int64).sort().values
+            self._stop[device] = int(self._sorted[device][-1]) + 1
+        flat = self._sorted[device]
+        if offset == 0 and count >= self._stop[device]:
+            return flat  # the whole tensor's slice (most tensors are one)
+        first, stop = torch.searchsorted(flat, torch.tensor([offset, offset + count], device=device)).tolist()
+        return flat[first:stop] - offset if stop > first else None
+
+    def mask(self, scores: Tensor, offset: int = 0) -> Tensor:
+        """The keep-mask of `scores`: elements [offset, offset + scores.numel()) of the whole tensor."""
+        keep = within(scores, *self.bounds())
+        keep = torch.ones_like(scores, dtype=torch.bool) if keep is None else keep
+        listed = self.listed(scores.device, offset, scores.numel())
+        if listed is not None:
+            keep.view(-1)[listed] = True
+        return keep
 
 
 def row_ranks(tau: Tensor) -> Tensor:

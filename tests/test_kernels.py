@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sliced_methods import NAME, cuts_for, inputs_for, stored_models
+from test_sliced_methods import BOUNDARY, NAME, boundary_entries, cuts_for, inputs_for, stored_models
 
 from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, exact_sqrt, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
@@ -59,11 +59,13 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
     base, deltas, moments = inputs_for((64, 48), bf16, seed=11)
     eager = whole(case, CASES[case], base, deltas, moments, EAGER)
     assert not torch.equal(eager, base)  # the merge did something
-    assert torch.equal(whole(case, CASES[case], base, deltas, moments, COMPILED), eager)
-    if bf16:
-        stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
-        assert torch.equal(stored_eager.view(eager.shape), eager)
-        assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
+    for how in BOUNDARY:  # compiled kernels with a selection's boundary entries patched after them, or marked for them
+        with boundary_entries(how):
+            assert torch.equal(whole(case, CASES[case], base, deltas, moments, COMPILED), eager)
+            if bf16:
+                stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
+                assert torch.equal(stored_eager.view(eager.shape), eager)
+                assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
 
 
 def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():

@@ -75,7 +75,7 @@ def test_masks_of_slices_are_slices_of_the_whole_mask(n, kind, seed, start, widt
     b = min(n, a + int(width * n))
     selection = TensorOrder.build(scores, ("asc",)).select("asc", a, b)
     whole = selection.mask(scores)
-    parts = [selection.mask(scores[i : i + chunk], offset=i, numel=n) for i in range(0, n, chunk)]
+    parts = [selection.mask(scores[i : i + chunk], offset=i) for i in range(0, n, chunk)]
     assert torch.equal(torch.cat(parts) if parts else whole, whole)
 
 

@@ -8,12 +8,15 @@ expert, mergekit's tie order) and combine as the methods do; inputs are fp32 and
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_order_stats import global_reference
 
+from mergetune.merge import boundary
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.combine import combine
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice, per_model
@@ -42,6 +45,20 @@ CASES = {
     "task_arithmetic": {"lambda": 0.7},
     "linear": {},
 }
+
+
+BOUNDARY = ("patched", "marked")
+
+
+@contextmanager
+def boundary_entries(how: str):
+    """Every selection's listed boundary entries merged apart from the kernel ("patched"), or read by it as marks."""
+    saved = boundary.PATCH_MAX_SHARE
+    boundary.PATCH_MAX_SHARE = 1.0 if how == "patched" else -1.0
+    try:
+        yield
+    finally:
+        boundary.PATCH_MAX_SHARE = saved
 
 
 def method_of(case: str) -> str:
@@ -164,16 +181,20 @@ def reference(case: str, base, deltas, moments, params) -> torch.Tensor:
     bf16=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
     chunk=st.sampled_from([1, 7, 100, 1000, 1 << 20]),
+    how=st.sampled_from(BOUNDARY),
 )
-def test_slices_give_the_bytes_of_the_whole_tensor(case, shape, bf16, seed, chunk):
+def test_slices_give_the_bytes_of_the_whole_tensor(case, shape, bf16, seed, chunk, how):
     base, deltas, moments = inputs_for(shape, bf16, seed)
     method, params = method_of(case), CASES[case]
-    assert torch.equal(sliced(method, base, deltas, moments, params, chunk).view(shape), whole(method, base, deltas, moments, params))
+    with boundary_entries(how):
+        got = sliced(method, base, deltas, moments, params, chunk).view(shape)
+    assert torch.equal(got, whole(method, base, deltas, moments, params))
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [c for c in CASES if method_of(c) in ("ties", "breadcrumbs", "breadcrumbs_ties", "ota")])
-def test_selections_equal_the_sort_based_reference(case, bf16):
+@pytest.mark.parametrize("how", BOUNDARY)
+def test_selections_equal_the_sort_based_reference(case, bf16, how):
     base, deltas, moments = inputs_for((96, 64), bf16, seed=3)
     if bf16:  # the cut falls inside a run of equal magnitudes
         magnitudes = deltas[0].abs().reshape(-1).sort(descending=True).values
@@ -181,8 +202,9 @@ def test_selections_equal_the_sort_based_reference(case, bf16):
         assert int((magnitudes == magnitudes[k - 1]).sum()) > 10
     method, params = method_of(case), CASES[case]
     want = reference(case, base, deltas, moments, params)
-    assert torch.equal(whole(method, base, deltas, moments, params), want)
-    assert torch.equal(sliced(method, base, deltas, moments, params, chunk=1000).view(want.shape), want)
+    with boundary_entries(how):
+        assert torch.equal(whole(method, base, deltas, moments, params), want)
+        assert torch.equal(sliced(method, base, deltas, moments, params, chunk=1000).view(want.shape), want)
 
 
 def test_a_slice_without_the_engines_statistics_is_refused():

@@ -19,14 +19,14 @@ pass over the slices (`totals`). Facts derived from the whole tensor live in `x.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge.counter_rng import check_range, keep_threshold, key_tensor, stream_key, tensor_key
-from mergetune.merge.kernels import ranks_carrier
+from mergetune.merge.boundary import boundary, gathered, overwrite, patched_l1
+from mergetune.merge.kernels import EAGER, ranks_carrier
 from mergetune.merge.methods.combine import combine_weights
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model
 from mergetune.merge.order_stats import Selection
@@ -95,25 +95,30 @@ def band_selection(x: TensorInputs, model: int, density: float, gamma: float, sc
     return x.memo[key]
 
 
+def expert_selection(x: TensorInputs, sparsify: str, model: int, density: float, gamma: float, scope: str) -> Selection | None:
+    """Expert `model`'s selection ("magnitude", "band" with ρ < 1), else None."""
+    if sparsify == "magnitude" and density < 1:
+        return top_selection(x, "magnitude", model, density, scope)
+    if sparsify == "band" and density < 1:
+        return band_selection(x, model, density, gamma, scope)
+    return None
+
+
 def expert_args(
     x: TensorInputs, sparsify: str, model: int, density: float, epsilon: float, gamma: float, scope: str, like: Tensor,
-    factor: float | None = None, divide: bool = False,
+    factor: float | None = None, divide: bool = False, marks: Tensor | None = None,
 ) -> tuple | None:
-    """Expert `model`'s arguments of `kernels.sparsified` on this slice: its selection's bounds and tie marks, or
-    its stream of draws, and its rescale (the L1 `factor`, or `divide` by the keep probability: `rescale:
-    inverse_keep`). ρ ≥ 1 keeps τ whole, spelled as the same kind of arguments (bounds ±inf, probability 1;
-    τ·1 is τ to the bit), so every expert of a rule runs the same compiled kernel variant."""
+    """Expert `model`'s arguments of `kernels.sparsified` on this slice (`like`): its selection's bounds and tie
+    `marks` (`boundary`), or its stream of draws, and its rescale (the L1 `factor`, or `divide` by the keep
+    probability: `rescale: inverse_keep`). ρ ≥ 1 keeps τ whole, spelled as the same kind of arguments (no bounds,
+    probability 1), so every expert of a rule runs the same compiled kernel variant."""
     if density >= 1:
         factor, divide = None, False
     if sparsify in ("magnitude", "band") and density >= 1:
-        return -math.inf, math.inf, None, None, None
+        return None, None, None, None, None
     if sparsify in ("magnitude", "band"):
-        if sparsify == "magnitude":
-            selection = top_selection(x, "magnitude", model, density, scope)
-        else:
-            selection = band_selection(x, model, density, gamma, scope)
-        tied = selection.tied(x.numel, like.device, x.offset, like.numel(), x.kernels.mark_dtype(like.device))
-        return selection.low, selection.high, None if tied is None else tied.view(like.shape), factor, density if divide else None
+        selection = expert_selection(x, sparsify, model, density, gamma, scope)
+        return *selection.bounds(), marks, factor, density if divide else None
     if x.seed is None:
         raise ValueError(f"{x.name}: random draws need the merge's seed (TensorInputs.seed)")
     key = memoized(x, ("stream key", model, like.device), lambda: key_tensor(stream_key(x.seed, x.name, model), like.device))
@@ -156,18 +161,27 @@ def gta(
         raise ValueError(f"{x.name}: '{method}' needs a base model")
     device = given[0].device
     key = memoized(x, ("tensor key", device), lambda: key_tensor(tensor_key(x.seed or 0, x.name), device))
-    offset = key_tensor(x.offset, device)
+    offset = memoized(x, ("offset", x.offset, device), lambda: key_tensor(x.offset, device))
     if sparsify in ("random", "magprune"):
         check_range(x.offset, given[0].numel())
 
-    def args(m: int, factor: float | None = None, divide: bool = False) -> tuple | None:
-        return expert_args(x, sparsify, m, rho[m], eps[m], gammas[m], scope, given[m], factor, divide)
+    selections = [expert_selection(x, sparsify, m, rho[m], gammas[m], scope) for m in range(k)]
+    # made once per slice for both passes; the merge pass takes it out, so the memo never holds every slice's marks
+    edges = x.memo.pop(("boundary", x.offset), None) or boundary(selections, x.numel, x.offset, given[0], x.kernels.mark_dtype(device))
+    if x.totals_pass:
+        x.memo[("boundary", x.offset)] = edges
+
+    def args(m: int, factor: float | None = None, divide: bool = False, marks: list[Tensor | None] = edges.kernel_marks) -> tuple | None:
+        return expert_args(x, sparsify, m, rho[m], eps[m], gammas[m], scope, given[m], factor, divide, marks[m])
 
     rescaled = [m for m in range(k) if mode == "l1" and rho[m] < 1]
     totals = x.totals
     if x.totals_pass or (rescaled and totals is None and not x.is_slice):
         if rescaled:
             totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, [(m, args(m)) for m in rescaled], offset, key)
+            for i, m in enumerate(rescaled):  # the patched entries the kernel's bounds left out are kept too
+                if edges.patched[m] is not None:
+                    totals[2 * i + 1] += patched_l1(base, given[m], stored, edges.patched[m])
         else:
             totals = torch.zeros(0, dtype=torch.float64)
         if x.totals_pass:
@@ -177,4 +191,10 @@ def gta(
     factors = {m: l1_factor(float(totals[2 * i]), float(totals[2 * i + 1])) for i, m in enumerate(rescaled)}
     experts = [args(m, factors.get(m), mode == "inverse_keep") for m in range(k)]
     weights, total = combine_weights(x.weights, consensus, normalize)
-    return x.kernels.gta_slice(base, given, stored, sparsify, experts, offset, key, weights, consensus, normalize, total, lambda_, x.out)
+    merged = x.kernels.gta_slice(base, given, stored, sparsify, experts, offset, key, weights, consensus, normalize, total, lambda_, x.out)
+    if edges.at is None:
+        return merged
+    at = edges.at
+    marked = [args(m, factors.get(m), mode == "inverse_keep", edges.patch_marks) for m in range(k)]
+    patch = EAGER.gta_slice(gathered(base, at), [gathered(g, at) for g in given], stored, sparsify, marked, offset, key, weights, consensus, normalize, total, lambda_)
+    return overwrite(merged, at, patch)

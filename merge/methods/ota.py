@@ -19,6 +19,8 @@ from typing import Literal
 from torch import Tensor
 
 from mergetune.core.errors import ConfigError
+from mergetune.merge.boundary import boundary, gathered, overwrite
+from mergetune.merge.kernels import EAGER
 from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
 from mergetune.merge.sparsify import SCOPES, check_choice
@@ -44,14 +46,20 @@ def ota(
     rho = per_model(density, x.num_models)
     stored = x.stored is not None
     base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
-    bounds = []
-    for k, (like, r) in enumerate(zip(given, rho)):
-        if r >= 1:
-            bounds.append(None)
-            continue
-        selection = top_selection(x, "saliency", k, r, scope)
-        tied = selection.tied(x.numel, like.device, x.offset, like.numel(), x.kernels.mark_dtype(like.device))
-        bounds.append((selection.low, selection.high, None if tied is None else tied.view(like.shape)))
+    selections = [top_selection(x, "saliency", k, r, scope) if r < 1 else None for k, r in enumerate(rho)]
+    edges = boundary(selections, x.numel, x.offset, given[0], x.kernels.mark_dtype(given[0].device))
+
+    def bounds(marks: list[Tensor | None]) -> list[tuple | None]:
+        return [None if s is None else (*s.bounds(), m) for s, m in zip(selections, marks)]
+
     curvatures = None if power == 0.5 else [v.pow(power) for v in x.moments]  # √v: in the kernel (`kernels.ota_slice`)
     weights = [float(w) for w in x.weights]
-    return x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds, weights, epsilon, x.out)
+    merged = x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds(edges.kernel_marks), weights, epsilon, x.out)
+    if edges.at is None:
+        return merged
+    at = edges.at
+    patch = EAGER.ota_slice(
+        gathered(base, at), [gathered(g, at) for g in given], stored, None if curvatures is None else [gathered(c, at) for c in curvatures],
+        [gathered(v, at) for v in x.moments], bounds(edges.patch_marks), weights, epsilon,
+    )  # fmt: skip
+    return overwrite(merged, at, patch)
