@@ -192,6 +192,17 @@ def test_slices_give_the_bytes_of_the_whole_tensor(case, shape, bf16, seed, chun
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if method_of(c).startswith("della")])
+def test_della_slices_read_their_own_ranks_in_both_passes(case, bf16):
+    # a one-slice tensor's merge pass reuses the ranks its totals pass widened; a later slice must not
+    base, deltas, moments = inputs_for((64, 48), bf16, 3)
+    method, params = method_of(case), CASES[case]
+    want = whole(method, base, deltas, moments, params)
+    for chunk in (100, 1000, 64 * 48):
+        assert torch.equal(sliced(method, base, deltas, moments, params, chunk).view(want.shape), want)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [c for c in CASES if method_of(c) in ("ties", "breadcrumbs", "breadcrumbs_ties", "ota")])
 @pytest.mark.parametrize("how", BOUNDARY)
 def test_selections_equal_the_sort_based_reference(case, bf16, how):

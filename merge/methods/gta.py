@@ -129,7 +129,12 @@ def expert_args(
     n = row_length(x.shape)
     # a CPU kernel's int32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
     buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None)
-    ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape), buffer)
+    if buffer is not None and x.memo.get(("ranks held", model)) == x.offset:  # widened by the totals pass: a one-slice tensor
+        ranks = buffer[: like.numel()].view(like.shape)
+    else:
+        ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape), buffer)
+        if buffer is not None and ranks.data_ptr() == buffer.data_ptr():
+            x.memo[("ranks held", model)] = x.offset
     epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
     return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 
