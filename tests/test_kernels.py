@@ -69,12 +69,12 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
 
 
 def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():
-    """A CPU kernel reads int16 row ranks widened to int32 (`ranks_carrier`); every rank gives its probability
-    exactly, eager and compiled."""
+    """A CPU kernel reads int16 row ranks widened to float32 (`ranks_carrier`); every rank is carried exactly and
+    gives its probability exactly, eager and compiled."""
     ranks = torch.cat([torch.arange(1 << 15, dtype=torch.int16), torch.arange(17, dtype=torch.int16)])
     want = della_probabilities(ranks, 0.4, 0.2 / 32767)
     carried = ranks_carrier(ranks)
-    assert carried.dtype == torch.int32 and torch.equal(carried, ranks.to(torch.int32))
+    assert carried.dtype == torch.float32 and torch.equal(carried.to(torch.int32), ranks.to(torch.int32))
     for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
         assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
 

@@ -127,8 +127,8 @@ def expert_args(
         threshold = memoized(x, ("keep threshold", model, like.device), lambda: key_tensor(keep_threshold(density), like.device))
         return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    # a CPU kernel's int32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
-    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None)
+    # a CPU kernel's float32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
+    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.float32) if like.device.type == "cpu" else None)
     if buffer is not None and x.memo.get(("ranks held", model)) == x.offset:  # widened by the totals pass: a one-slice tensor
         ranks = buffer[: like.numel()].view(like.shape)
     else:
