@@ -1,6 +1,6 @@
 """Compiled merge kernels per element: every step inlined (mergetune's options) vs Inductor's default realize limits.
 
-One slice of 4M entries, base + 3 experts as bf16, written into a bf16 destination as a live model's
+One slice of 4M entries (DELLA: rows of 2048), base + 3 experts as bf16, written into a bf16 destination as a live model's
 storage takes it (`kernels.into`), 1 thread. Inductor's CPU backend tiles a loop by the narrowest float
 type of *every* node in it: a step realized as its own node (a float-only body) makes it tile by
 float32's lanes, and on AVX2 a bf16 tile is then loaded and stored by halves through the stack.
@@ -34,6 +34,14 @@ def per_element_ns(fn, repeats: int = 7) -> float:
     return best / N * 1e9
 
 
+def kernels_ranks(seed: int):
+    """Row ranks of 2048-entry rows as a CPU kernel reads them (`kernels.ranks_carrier`: int16 widened)."""
+    from mergetune.merge.kernels import ranks_carrier
+
+    g = torch.Generator().manual_seed(seed)
+    return ranks_carrier(torch.argsort(torch.rand(N // 2048, 2048, generator=g), dim=1).to(torch.int16).reshape(-1))
+
+
 def cases(k, base, given, out):
     from mergetune.merge.counter_rng import keep_threshold, key_tensor
 
@@ -43,6 +51,8 @@ def cases(k, base, given, out):
         m[::97] = 1
     ties = [(0.005, None, m, None, None) for m in marks]
     dare = [(key_tensor(7 + i), key_tensor(keep_threshold(0.5)), 1.7, None) for i in range(len(given))]
+    ranks = [kernels_ranks(i) for i in range(len(given))]
+    della = [(key_tensor(7 + i), r, 0.4, 0.2 / 2047, 1.7, False) for i, r in enumerate(ranks)]
     moments = [torch.rand(N) * 1e-12 for _ in given]
     bounds = [(1e-20, None, m) for m in marks]
     ones = [1.0] * len(given)
@@ -51,6 +61,7 @@ def cases(k, base, given, out):
         "ties": lambda: k.gta_slice(base, given, True, "magnitude", ties, offset, key, ones, True, True, None, 1.0, out),
         "dare_ties": lambda: k.gta_slice(base, given, True, "random", dare, offset, key, ones, True, False, None, 1.0, out),
         "dare L1 sums": lambda: k.gta_l1_sums(base, given, True, "random", list(enumerate(dare)), offset, key),
+        "della": lambda: k.gta_slice(base, given, True, "magprune", della, offset, key, ones, True, False, None, 1.0, out),
         "ota": lambda: k.ota_slice(base, given, True, None, moments, bounds, [0.7, 0.4, 0.9], 1e-30, out),
     }
 
