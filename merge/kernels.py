@@ -161,15 +161,20 @@ def gta_slice(
 
 
 def gta_l1_sums(
-    base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor
+    base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor,
+    norms: bool = True,
 ) -> Tensor:
-    """float64 [Σ|τ_k|, Σ|τ_k·mask_k|] over the slice, for each expert in `experts` (pairs (index, args))."""
+    """float64 [Σ|τ_k|, Σ|τ̂_k|] over the slice, for each expert in `experts` (pairs (index, args)); without `norms`
+    only the Σ|τ̂_k| (the Σ|τ_k| of a study's slices never change: `TensorSummaries.task_vector_l1`). Each sum is its
+    own reduction, so a Σ|τ̂_k| is the same with or without the norms."""
     base, taus = task_vectors(base, given, stored)
     hashed = _hashed(sparsify, base, offset, key)
     sums = []
     for index, args in experts:
         tau = taus[index]
-        sums += [tau.abs().sum(dtype=torch.float64), sparsified(tau, sparsify, args, hashed).abs().sum(dtype=torch.float64)]
+        if norms:
+            sums.append(tau.abs().sum(dtype=torch.float64))
+        sums.append(sparsified(tau, sparsify, args, hashed).abs().sum(dtype=torch.float64))
     return torch.stack(sums)
 
 

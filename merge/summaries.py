@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergetune.merge.methods.registry import SliceNorms
 from mergetune.merge.order_stats import TensorOrder, row_ranks
 from mergetune.merge.sparsify import scores_of
 from mergetune.merge.summary_files import SummaryDirectory, summary_key
@@ -47,6 +48,7 @@ class ModelSummaries:
         self._ranks_device = ranks_device
         self._orders: dict[tuple[str, str, str], TensorOrder] = {}  # (score kind, expert, tensor)
         self._ranks: dict[tuple[str, str], Tensor] = {}
+        self.slice_norms = SliceNorms()  # by ((expert, tensor), start, stop): a model set's kernels never change
         self.build_s = 0.0
 
     def order(self, kind: str, expert: str, name: str, direction: str) -> TensorOrder:
@@ -169,3 +171,9 @@ class TensorView:
 
     def row_ranks(self, model: int) -> Tensor:
         return self._summaries.row_ranks(self._experts[model], self._name)
+
+    def task_vector_l1(self, model: int, start: int, stop: int) -> Tensor | None:
+        return self._summaries.slice_norms.task_vector_l1((self._experts[model], self._name), start, stop)
+
+    def keep_task_vector_l1(self, model: int, start: int, stop: int, total: Tensor) -> None:
+        self._summaries.slice_norms.keep_task_vector_l1((self._experts[model], self._name), start, stop, total)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_sliced_methods import BOUNDARY, NAME, boundary_entries, cuts_for, inputs_for, stored_models
 
+from mergetune.merge.counter_rng import key_tensor
 from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, exact_sqrt, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
@@ -77,6 +78,22 @@ def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():
     assert carried.dtype == torch.float32 and torch.equal(carried.to(torch.int32), ranks.to(torch.int32))
     for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
         assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
+
+
+@pytest.mark.parametrize("kernels", [EAGER, COMPILED], ids=["eager", "compiled"])
+def test_masked_l1_sums_without_the_norms_are_the_sums_with_them(kernels):
+    """A trial that reads its Σ|τ| from an earlier one sums only Σ|τ̂| (`gta_l1_sums(norms=False)`): each the same
+    float64 as summed beside the norms, over vector bodies and tails (DELLA's draws and ranks)."""
+    n = 300_007
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(n, generator=g).bfloat16()
+    given = [(base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+    ranks = [ranks_carrier(torch.randint(0, 2048, (n,), generator=g, dtype=torch.int16)) for _ in given]
+    experts = [(m, (key_tensor(7 + m), ranks[m], 0.4, 0.2 / 2047, None, False)) for m in (0, 2)]
+    offset, key = key_tensor(1000), key_tensor(123)
+    both = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key)
+    masked = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key, False)
+    assert torch.equal(masked, both[1::2]) and bool((masked < both[0::2]).all())
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -270,3 +270,28 @@ class _BF16(Collect):
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.tensors[name] = tensor.detach().to("cpu", torch.bfloat16, copy=True)
+
+
+def test_later_trials_read_the_task_vector_norms_of_their_own_experts_and_slices(bf16_models, small_chunks_and_slabs):
+    """A rescaled DARE/DELLA trial reads the Σ|τ| an earlier trial summed (they never change within a study); a
+    trial whose rules take the experts in another order, over other tensors, still equals a fresh worker's merge."""
+    first = _recipe(bf16_models, [{"method": "dare_ties", "params": {"density": 0.6}}])
+    later = _recipe(
+        bf16_models,
+        [
+            {"layers": [0, 1], "method": "della", "models": ["art", "math"], "params": {"density": 0.5}},
+            {"method": "dare_linear", "models": ["code", "art", "math"], "params": {"density": 0.3}},
+        ],
+    )
+    modelset = ModelSet.from_recipe(first)
+    resident = ResidentModelSet.load(modelset)
+    _resident(resident, first)
+    kept = len(resident.summaries.slice_norms._sums)
+    assert kept > 3 * len(modelset.tensor_names)  # every slice of every tensor, for each expert
+    got = _resident(resident, later)
+    assert len(resident.summaries.slice_norms._sums) == kept  # read, none summed again
+    fresh = ResidentModelSet.load(modelset)
+    _assert_identical(got, _resident(fresh, later))
+    _assert_identical(got, _disk(modelset, later))
+    resident.close()
+    fresh.close()

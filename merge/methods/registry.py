@@ -63,8 +63,28 @@ class TensorSummaries(Protocol):
 
     def row_ranks(self, model: int) -> Tensor: ...
 
+    def task_vector_l1(self, model: int, start: int, stop: int) -> Tensor | None:
+        """Σ|τ| of expert `model` over flat entries [start, stop) as a method's kernel summed it (float64, 0-dim), if
+        a merge has; a merge's rescale reads it instead of summing again (it never changes within a study)."""
+        ...
 
-class InputSummaries:
+    def keep_task_vector_l1(self, model: int, start: int, stop: int, total: Tensor) -> None: ...
+
+
+class SliceNorms:
+    """`TensorSummaries.task_vector_l1` kept by (expert, start, stop): 8 bytes a slice and expert."""
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[object, int, int], Tensor] = {}
+
+    def task_vector_l1(self, expert: object, start: int, stop: int) -> Tensor | None:
+        return self._sums.get((expert, start, stop))
+
+    def keep_task_vector_l1(self, expert: object, start: int, stop: int, total: Tensor) -> None:
+        self._sums[(expert, start, stop)] = total
+
+
+class InputSummaries(SliceNorms):
     """Order statistics from a whole tensor's own task vectors (and moments), on first use, for a merge that
     selects once per tensor (the disk engine; a method called on a whole tensor): each (kind, expert)'s scores
     as `SortPositions`, which finds a selection's entries in `torch.sort` order without sorting.
@@ -72,6 +92,7 @@ class InputSummaries:
     `deltas` are the float32 τ_k of the whole tensor, or a function making them when first needed."""
 
     def __init__(self, deltas: list[Tensor] | Callable[[], list[Tensor]], moments: list[Tensor] | None) -> None:
+        super().__init__()
         self._given, self._moments = deltas, moments
         self._orders: dict[tuple[str, int], SortPositions] = {}
         self._ranks: dict[int, Tensor] = {}
