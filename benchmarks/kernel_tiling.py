@@ -34,7 +34,7 @@ def per_element_ns(fn, repeats: int = 7) -> float:
     return best / N * 1e9
 
 
-def kernels_ranks(seed: int):
+def carried_ranks(seed: int):
     """Row ranks of 2048-entry rows as a CPU kernel reads them (`kernels.ranks_carrier`: int16 widened)."""
     from mergetune.merge.kernels import ranks_carrier
 
@@ -51,7 +51,7 @@ def cases(k, base, given, out):
         m[::97] = 1
     ties = [(0.005, None, m, None, None) for m in marks]
     dare = [(key_tensor(7 + i), key_tensor(keep_threshold(0.5)), 1.7, None) for i in range(len(given))]
-    ranks = [kernels_ranks(i) for i in range(len(given))]
+    ranks = [carried_ranks(i) for i in range(len(given))]
     della = [(key_tensor(7 + i), r, 0.4, 0.2 / 2047, 1.7, False) for i, r in enumerate(ranks)]
     moments = [torch.rand(N) * 1e-12 for _ in given]
     bounds = [(1e-20, None, m) for m in marks]

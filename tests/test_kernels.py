@@ -80,14 +80,15 @@ def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():
         assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernels", [EAGER, COMPILED], ids=["eager", "compiled"])
-def test_masked_l1_sums_without_the_norms_are_the_sums_with_them(kernels):
+def test_masked_l1_sums_without_the_norms_are_the_sums_with_them(kernels, dtype):
     """A trial that reads its Σ|τ| from an earlier one sums only Σ|τ̂| (`gta_l1_sums(norms=False)`): each the same
     float64 as summed beside the norms, over vector bodies and tails (DELLA's draws and ranks)."""
     n = 300_007
     g = torch.Generator().manual_seed(4)
-    base = torch.randn(n, generator=g).bfloat16()
-    given = [(base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+    base = torch.randn(n, generator=g).to(dtype)
+    given = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
     ranks = [ranks_carrier(torch.randint(0, 2048, (n,), generator=g, dtype=torch.int16)) for _ in given]
     experts = [(m, (key_tensor(7 + m), ranks[m], 0.4, 0.2 / 2047, None, False)) for m in (0, 2)]
     offset, key = key_tensor(1000), key_tensor(123)

@@ -83,6 +83,9 @@ class SliceNorms:
     def keep_task_vector_l1(self, expert: object, start: int, stop: int, total: Tensor) -> None:
         self._sums[(expert, start, stop)] = total
 
+    def __len__(self) -> int:
+        return len(self._sums)
+
 
 class InputSummaries(SliceNorms):
     """Order statistics from a whole tensor's own task vectors (and moments), on first use, for a merge that
