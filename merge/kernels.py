@@ -160,11 +160,22 @@ def gta_slice(
     return into(out, combined(base, kept, weights, consensus, normalize, total, lambda_))
 
 
+def l1_norm(x: Tensor) -> Tensor:
+    """Σ|x| in float64, the entries of x's two halves first added in pairs in float32 (an IEEE add, eagerly as
+    compiled). Inductor's CPU backend widens float32 to float64 one lane at a time (ATen has no vector conversion),
+    so pairing halves those: DARE's L1 sums of 3 experts 2.97 → 1.85 ns per element (AVX-512); the two halves are
+    two read streams per input, where four (pairs of pairs) ran slower than none."""
+    flat = x.reshape(-1)
+    half = flat.numel() // 2
+    pairs = flat[:half].abs() + flat[half : 2 * half].abs()
+    return pairs.sum(dtype=torch.float64) + flat[2 * half :].abs().sum(dtype=torch.float64)
+
+
 def gta_l1_sums(
     base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor,
     norms: bool = True,
 ) -> Tensor:
-    """float64 [Σ|τ_k|, Σ|τ̂_k|] over the slice, for each expert in `experts` (pairs (index, args)); without `norms`
+    """float64 [Σ|τ_k|, Σ|τ̂_k|] (`l1_norm`) over the slice, for each expert in `experts` (pairs (index, args)); without `norms`
     only the Σ|τ̂_k| (the Σ|τ_k| of a study's slices never change: `TensorSummaries.task_vector_l1`). Each sum is its
     own reduction, so a Σ|τ̂_k| is the same with or without the norms."""
     base, taus = task_vectors(base, given, stored)
@@ -173,8 +184,8 @@ def gta_l1_sums(
     for index, args in experts:
         tau = taus[index]
         if norms:
-            sums.append(tau.abs().sum(dtype=torch.float64))
-        sums.append(sparsified(tau, sparsify, args, hashed).abs().sum(dtype=torch.float64))
+            sums.append(l1_norm(tau))
+        sums.append(l1_norm(sparsified(tau, sparsify, args, hashed)))
     return torch.stack(sums)
 
 

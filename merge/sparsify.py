@@ -233,5 +233,5 @@ def apply_mask(tau: Tensor, mask: Tensor | None, rescale: RescaleMode | None, ke
 
 
 def l1_sums(tau: Tensor, masked: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ|τ|, Σ|τ̂|) in float64 for τ̂ = τ·mask: the norms `l1_factor` compares, summable over slices."""
-    return tau.abs().sum(dtype=torch.float64), masked.abs().sum(dtype=torch.float64)
+    """(Σ|τ|, Σ|τ̂|) in float64 (`kernels.l1_norm`) for τ̂ = τ·mask: the norms `l1_factor` compares, summable over slices."""
+    return kernels.l1_norm(tau), kernels.l1_norm(masked)
