@@ -12,7 +12,7 @@ import torch
 from test_sliced_methods import BOUNDARY, NAME, boundary_entries, cuts_for, inputs_for, stored_models
 
 from mergetune.merge.counter_rng import key_tensor
-from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, exact_sqrt, ranks_carrier
+from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, exact_sqrt, l1_norm, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
@@ -95,6 +95,17 @@ def test_masked_l1_sums_without_the_norms_are_the_sums_with_them(kernels, dtype)
     both = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key)
     masked = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key, False)
     assert torch.equal(masked, both[1::2]) and bool((masked < both[0::2]).all())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_l1_norm_sums_both_halves_and_the_odd_entry(compiled):
+    """Σ|x| of the pairs of halves plus an odd length's last entry, in float64: hand sums, and a float64 reference of
+    a long bf16-valued vector within float32 pair rounding (one half-ulp per pair)."""
+    norm = torch.compile(l1_norm, dynamic=True) if compiled else l1_norm
+    assert [float(norm(torch.tensor(v, dtype=torch.float32))) for v in ([3.0, -1.0, 0.5], [2.0, -2.0], [-7.25], [])] == [4.5, 4.0, 7.25, 0.0]
+    x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16).float()
+    reference = x.double().abs().sum()
+    assert float(norm(x)) == pytest.approx(float(reference), rel=2**-24) and float(norm(x)) != float(norm(x[:-1]))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
