@@ -27,9 +27,10 @@ from mergetune.merge.modelset import STAT_FIXES, STAT_NAMES, ModelSet
 from mergetune.merge.recipe import Recipe, Rule, layer_position
 
 # Slices of sliceable rules: cache-sized on a CPU for eager kernels (1 MB of float32: measured 2.4×
-# faster than 64 MB slices), larger for compiled ones (each call costs ~70 µs of Python), few kernel
-# launches on a GPU.
-CHUNK_ELEMENTS = {"cpu": 1 << 18, "cpu.compiled": 1 << 20, "cuda": 1 << 24}
+# faster than 64 MB slices), larger for compiled ones, whose fused loops stream from memory anyway and
+# whose calls cost ~1 ms of Python each (4M entries, not 1M: resident re-merges of 102M params 10-15%
+# faster, OTA's moments expanded per slice as fast; benchmarks/merge_speed.py), few kernel launches on a GPU.
+CHUNK_ELEMENTS = {"cpu": 1 << 18, "cpu.compiled": 1 << 22, "cuda": 1 << 24}
 
 
 ExpertCuts = Callable[[str, str, float], GlobalCut]
