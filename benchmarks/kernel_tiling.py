@@ -1,6 +1,6 @@
 """Compiled merge kernels per element: every step inlined (mergetune's options) vs Inductor's default realize limits.
 
-One slice of 4M entries (DELLA: rows of 2048), base + 3 experts as bf16, written into a bf16 destination as a live model's
+One slice of 4M entries (DELLA: rows of 2048, integer keep thresholds), base + 3 experts as bf16, written into a bf16 destination as a live model's
 storage takes it (`kernels.into`), 1 thread. Inductor's CPU backend tiles a loop by the narrowest float
 type of *every* node in it: a step realized as its own node (a float-only body) makes it tile by
 float32's lanes, and on AVX2 a bf16 tile is then loaded and stored by halves through the stack.
@@ -35,7 +35,7 @@ def per_element_ns(fn, repeats: int = 7) -> float:
 
 
 def carried_ranks(seed: int):
-    """Row ranks of 2048-entry rows as a CPU kernel reads them (`kernels.ranks_carrier`: int16 widened)."""
+    """Row ranks of 2048-entry rows as a CPU kernel reads them (`kernels.ranks_carrier`: int16 widened to int32)."""
     from mergetune.merge.kernels import ranks_carrier
 
     g = torch.Generator().manual_seed(seed)
@@ -44,6 +44,7 @@ def carried_ranks(seed: int):
 
 def cases(k, base, given, out):
     from mergetune.merge.counter_rng import keep_threshold, key_tensor
+    from mergetune.merge.sparsify import della_ramp
 
     offset, key = key_tensor(0), key_tensor(12345)
     marks = [torch.zeros(N, dtype=k.mark_dtype(base.device)) for _ in given]
@@ -52,7 +53,8 @@ def cases(k, base, given, out):
     ties = [(0.005, None, m, None, None) for m in marks]
     dare = [(key_tensor(7 + i), key_tensor(keep_threshold(0.5)), 1.7, None) for i in range(len(given))]
     ranks = [carried_ranks(i) for i in range(len(given))]
-    della = [(key_tensor(7 + i), r, 0.4, 0.2 / 2047, 1.7, False) for i, r in enumerate(ranks)]
+    ramp = tuple(key_tensor(v) for v in della_ramp(2048, 0.5, 0.1))
+    della = [(key_tensor(7 + i), r, ramp, 1.7, False) for i, r in enumerate(ranks)]
     moments = [torch.rand(N) * 1e-12 for _ in given]
     bounds = [(1e-20, None, m) for m in marks]
     ones = [1.0] * len(given)

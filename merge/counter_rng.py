@@ -16,7 +16,7 @@ in int32 tensors: multiplication wraps mod 2^32 (two's complement, on every back
 CPU vector units, CUDA, Triton), right shifts are masked to be logical, constant shifts only —
 integer ops, so a CPU, a GPU and a compiled kernel compute the same bits (tests/test_counter_rng.py
 checks them against numpy's uint32 arithmetic). A uniform has 24 bits, exact in float32, like
-`torch.rand`; "uniform < p" is decided exactly, on the integers (`keep_threshold`, `keep_from_bits`).
+`torch.rand`; "uniform < p" is decided exactly, on the integers (`keep_threshold`, `keep_below`).
 """
 
 from __future__ import annotations
@@ -92,20 +92,16 @@ def stream_bits(hashed: Tensor, key: Tensor | int) -> Tensor:
     return mix(hashed ^ (_signed(key) if isinstance(key, int) else key))
 
 
-def keep_from_bits(bits: Tensor, probability: Tensor) -> Tensor:
-    """uniform < probability, elementwise, for a float32 tensor of probabilities (exactly: p·2^24 is exact in
-    float32); one float probability goes through `keep_threshold`."""
-    return _shifted(bits, 32 - UNIFORM_BITS) < probability * float(1 << UNIFORM_BITS)
-
-
 def keep_threshold(probability: float) -> int:
     """The integer t with uniform < probability ⇔ (bits >> 8) < t: ⌈p·2^24⌉ (p·2^24 is exact in a double), in [0, 2^24]."""
     return min(max(math.ceil(probability * (1 << UNIFORM_BITS)), 0), 1 << UNIFORM_BITS)
 
 
 def keep_below(bits: Tensor, threshold: Tensor | int) -> Tensor:
-    """`keep_from_bits` for one probability, given as its `keep_threshold` (a 0-dim int32 tensor in a kernel): an
-    int32 compare, where a float probability makes a compiled CPU kernel compare in doubles (2.2× slower)."""
+    """(bits >> 8) < threshold: keep where the uniform is below threshold/2^24 — one probability's `keep_threshold`
+    (a 0-dim int32 tensor in a kernel), or an int32 tensor of them (DELLA's `kernels.della_thresholds`). An int32
+    compare: a float probability makes a compiled CPU kernel compare in doubles (2.2× slower), a float tensor of
+    them convert the bits to float one lane at a time."""
     return _shifted(bits, 32 - UNIFORM_BITS) < threshold
 
 

@@ -269,7 +269,7 @@ def tie_mask_bytes(spec, experts: int, largest: int, device: str, compiled: bool
 
 
 def rank_buffer_bytes(spec, experts: int, per_call: int, device: str) -> int:
-    """The float32 copy of one slice's int16 row ranks a sliced CPU merge keeps per expert (`kernels.ranks_carrier`)."""
+    """The int32 copy of one slice's int16 row ranks a sliced CPU merge keeps per expert (`kernels.ranks_carrier`)."""
     return experts * per_call * 4 if spec.sliceable and "row_ranks" in spec.orders and device == "cpu" else 0
 
 

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge import kernels
+from mergetune.merge.counter_rng import UNIFORM_BITS, keep_threshold
 from mergetune.merge.kernels import EAGER
 from mergetune.merge.order_stats import row_ranks
 
@@ -185,18 +186,33 @@ def global_cut(k: int, threshold: float, counts: Iterable[tuple[str, int, int]])
 # --- DELLA's keep probabilities ---
 
 
-def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon: float) -> Tensor:
-    """DELLA MagPrune keep probabilities π = (ρ−ε) + 2ε·r̃, r̃ = rank/(n−1), from each entry's |τ| rank in its row
-    (`order_stats.row_ranks`: ties in index order, so the ranks are the same on every device).
+RAMP_FRACTION_BITS = 16  # the fixed-point bits of DELLA's per-rank step: its error stays under 1/4 of 2^-24 at r < 2^15
+
+
+def della_ramp(row_length: int, density: float, epsilon: float) -> tuple[int, int, int, int]:
+    """DELLA MagPrune's keep thresholds as integers (T₀, q, f, s): entry i is kept when its draw's top 24 bits are below
+    T_i = T₀ + r_i·q + ⌊r_i·f / 2^s⌋ (`kernels.della_thresholds`), r_i its |τ| rank in its row (`order_stats.row_ranks`:
+    ties in index order, so the ranks are the same on every device). So π_i = min(T_i, 2^24)/2^24 = (ρ−ε) + 2ε·r_i/(n−1)
+    to within two units of 2^-24 (rows up to 2^15 entries; a longer row's step drifts by up to (n−1)/2^(s+1) more, 256
+    units at 2^20): T₀ = ⌈(ρ−ε)·2^24⌉ (DARE's `keep_threshold`: ε = 0 keeps as DARE does), and the step
+    2ε·2^24/(n−1) in fixed point, q + f/2^s, with s (16, fewer for rows over 2^15) such that r·f < 2^31 — int32 math.
 
     Departures from mergekit, which raises unless 0 < ρ±ε < 1 and yields NaN for 1-element rows: ε is
     shrunk to min(ε, ρ, 1−ρ) so any searched (ρ, ε) pair gives probabilities in [0, 1], and a 1-element
     row keeps with π = ρ.
     """
-    epsilon = max(0.0, min(epsilon, density, 1.0 - density))
-    if row_length < 2:
-        return torch.full(ranks.shape, density, dtype=torch.float32, device=ranks.device)
-    return kernels.della_probabilities(ranks, density - epsilon, 2 * epsilon / (row_length - 1))
+    epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if row_length >= 2 else 0.0
+    start = keep_threshold(density - epsilon)
+    if epsilon == 0.0:
+        return start, 0, 0, 0
+    shift = min(RAMP_FRACTION_BITS, ((2**31 - 1) // (row_length - 1)).bit_length() - 1)
+    step = round(2 * epsilon * 2 ** (UNIFORM_BITS + shift) / (row_length - 1))
+    return start, step >> shift, step & ((1 << shift) - 1), shift
+
+
+def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities π_i = T_i/2^24 (float32, exact) of integer row `ranks` (`della_ramp`)."""
+    return kernels.della_probabilities(kernels.della_thresholds(ranks, della_ramp(row_length, density, epsilon)))
 
 
 def row_length(shape: tuple[int, ...]) -> int:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mergetune.merge.counter_rng import keep_below, keep_threshold, stream_key, tensor_key, uniforms
 from mergetune.merge.methods import TensorInputs, get_method
+from mergetune.merge.sparsify import della_ramp
 
 NAME = "model.layers.3.self_attn.q_proj.weight"
 
@@ -71,9 +72,10 @@ def test_della_masks_equal_the_numpy_reference(threads):
     tau = (torch.randn(64, 500, generator=gen) * 8).round()  # many equal magnitudes: ties broken by index
     density, epsilon = 0.4, 0.15
     for k, mask in enumerate(_dare_mask(tau, density, seed=3, method="della_linear", epsilon=epsilon)):
-        ranks = np.argsort(np.argsort(np.abs(tau.numpy()), axis=1, kind="stable"), axis=1, kind="stable")
-        probs = np.float32(density - epsilon) + np.float32(2 * epsilon / (tau.shape[1] - 1)) * ranks.astype(np.float32)
-        want = numpy_uniforms(3, NAME, k, 0, tau.numel()).reshape(tau.shape) < probs
+        ranks = np.argsort(np.argsort(np.abs(tau.numpy()), axis=1, kind="stable"), axis=1, kind="stable").astype(np.int64)
+        start, whole, fraction, shift = della_ramp(tau.shape[1], density, epsilon)
+        thresholds = start + ranks * whole + ((ranks * fraction) >> shift)  # int64: no wrap to rely on
+        want = numpy_uniforms(3, NAME, k, 0, tau.numel()).reshape(tau.shape) * 2**24 < thresholds
         nonzero = tau.numpy() != 0  # a dropped τ = 0 looks kept: compare where τ ≠ 0
         assert np.array_equal(mask.numpy()[nonzero], want[nonzero])
 

@@ -7,15 +7,18 @@ compiles once per process (seconds), so the cases share one `Kernels`.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_sliced_methods import BOUNDARY, NAME, boundary_entries, cuts_for, inputs_for, stored_models
 
 from mergetune.merge.counter_rng import key_tensor
-from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, exact_sqrt, l1_norm, ranks_carrier
+from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, della_thresholds, exact_sqrt, l1_norm, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
+from mergetune.merge.sparsify import della_ramp
 
 COMPILED = Kernels(compiled=True)
 WEIGHTS = [0.7, 0.4, 0.9]
@@ -69,15 +72,27 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
                 assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
 
 
-def test_della_ranks_as_a_cpu_kernel_reads_them_give_the_int16_probabilities():
-    """A CPU kernel reads int16 row ranks widened to float32 (`ranks_carrier`); every rank is carried exactly and
-    gives its probability exactly, eager and compiled."""
-    ranks = torch.cat([torch.arange(1 << 15, dtype=torch.int16), torch.arange(17, dtype=torch.int16)])
-    want = della_probabilities(ranks, 0.4, 0.2 / 32767)
-    carried = ranks_carrier(ranks)
-    assert carried.dtype == torch.float32 and torch.equal(carried.to(torch.int32), ranks.to(torch.int32))
-    for fn in (della_probabilities, torch.compile(della_probabilities, dynamic=True)):
-        assert torch.equal(fn(carried, 0.4, 0.2 / 32767), want)
+@pytest.mark.parametrize("row", [2, 3, 2048, 1 << 15, 36_864, 1 << 20], ids=lambda n: f"rows of {n}")
+@pytest.mark.parametrize("density, epsilon", [(0.5, 0.1), (0.3, 0.3), (0.7, 0.3), (0.9, 0.05), (0.2, 0.0)])
+def test_della_thresholds_follow_the_linear_ramp_within_two_units_eager_and_compiled(row, density, epsilon):
+    """DELLA's integer thresholds T_r (`della_ramp`, `della_thresholds`) for every rank a row can have — int16 ranks
+    widened as a CPU kernel reads them (`ranks_carrier`), int32 ranks of rows over 2^15 — are T_0 = ⌈(ρ−ε)·2^24⌉ and
+    within two units of the exact (ρ−ε)·2^24 + 2ε·2^24·r/(n−1) (plus the fixed-point step's drift (n−1)/2^(s+1), a
+    quarter unit at most for rows up to 2^15), rising with r; the same eagerly and compiled, and π = min(T, 2^24)/2^24."""
+    dtype = torch.int16 if row <= 1 << 15 else torch.int32
+    ranks = torch.arange(min(row, 1 << 16), dtype=torch.int64)
+    if row > 1 << 16:  # the top ranks too, where r·f is largest
+        ranks = torch.cat([ranks, torch.arange(row - (1 << 16), row, dtype=torch.int64)])
+    carried = ranks_carrier(ranks.to(dtype))
+    assert carried.dtype == torch.int32 and torch.equal(carried.long(), ranks)
+    ramp = della_ramp(row, density, epsilon)
+    want = (density - epsilon) * 2**24 + 2 * epsilon * 2**24 * ranks.double() / (row - 1)
+    compiled = torch.compile(della_thresholds, dynamic=True)
+    for thresholds in (della_thresholds(carried, ramp), compiled(carried, tuple(key_tensor(v) for v in ramp))):
+        assert thresholds.dtype == torch.int32 and int(thresholds[0]) == math.ceil((density - epsilon) * 2**24)
+        assert float((thresholds.double() - want).abs().max()) < 2 + (row - 1) / 2 ** (ramp[3] + 1)
+        assert bool((thresholds[1:] >= thresholds[:-1]).all())
+        assert torch.equal(della_probabilities(thresholds), thresholds.clamp_max(2**24).double().div(2**24).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -90,7 +105,8 @@ def test_masked_l1_sums_without_the_norms_are_the_sums_with_them(kernels, dtype)
     base = torch.randn(n, generator=g).to(dtype)
     given = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
     ranks = [ranks_carrier(torch.randint(0, 2048, (n,), generator=g, dtype=torch.int16)) for _ in given]
-    experts = [(m, (key_tensor(7 + m), ranks[m], 0.4, 0.2 / 2047, None, False)) for m in (0, 2)]
+    ramp = tuple(key_tensor(v) for v in della_ramp(2048, 0.5, 0.1))
+    experts = [(m, (key_tensor(7 + m), ranks[m], ramp, None, False)) for m in (0, 2)]
     offset, key = key_tensor(1000), key_tensor(123)
     both = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key)
     masked = kernels.gta_l1_sums(base, given, True, "magprune", experts, offset, key, False)

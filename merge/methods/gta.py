@@ -35,6 +35,7 @@ from mergetune.merge.sparsify import (
     band_counts,
     band_fractions,
     check_choice,
+    della_ramp,
     l1_factor,
     rescale_mode,
     row_length,
@@ -127,16 +128,16 @@ def expert_args(
         threshold = memoized(x, ("keep threshold", model, like.device), lambda: key_tensor(keep_threshold(density), like.device))
         return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    # a CPU kernel's float32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
-    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.float32) if like.device.type == "cpu" else None)
+    # a CPU kernel's int32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
+    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None)
     if buffer is not None and x.memo.get(("ranks held", model)) == x.offset:  # widened by the totals pass: a one-slice tensor
         ranks = buffer[: like.numel()].view(like.shape)
     else:
         ranks = ranks_carrier(x.row_ranks(model).reshape(-1)[x.offset : x.offset + like.numel()].to(like.device).view(like.shape), buffer)
         if buffer is not None and ranks.data_ptr() == buffer.data_ptr():
             x.memo[("ranks held", model)] = x.offset
-    epsilon = max(0.0, min(epsilon, density, 1.0 - density)) if n >= 2 else 0.0  # a 1-entry row keeps with π = ρ
-    return key, ranks, density - epsilon, (2 * epsilon / (n - 1) if n >= 2 else 0.0), factor, divide
+    ramp = memoized(x, ("ramp", model, like.device), lambda: tuple(key_tensor(v, like.device) for v in della_ramp(n, density, epsilon)))
+    return key, ranks, ramp, factor, divide
 
 
 def l1_sums(x: TensorInputs, base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor) -> Tensor:
