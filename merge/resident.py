@@ -95,6 +95,11 @@ class Workspace:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
+    @property
+    def sizes(self) -> dict[object, int]:
+        """Elements of each role's buffer."""
+        return {role: t.numel() for role, t in self._buffers.items()}
+
 
 class ResidentModelSet:
     """A model set's inputs in one placement, re-merged per trial (`merge_into`); global thresholds cached across trials."""
@@ -269,7 +274,10 @@ class ResidentModelSet:
 
         summaries = self.summaries.for_tensor(name, plan.experts) if plan.uses_deltas(ms.base is not None) else None
         out = placed if placed is not None else self.workspace.buffer("out", self._largest)
-        return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries, self.kernels)
+        def scratch(role: object) -> Tensor:
+            return self.workspace.buffer(("scratch", role), chunk)
+
+        return merge_sliced(plan, name, tuple(info.shape), fetch, out, chunk, seed, self.thresholds, summaries, self.kernels, scratch)
 
     # --- order statistics: the task vectors (and moments) of one expert's tensor, from the stored inputs ---
     def _task_vector(self, expert: str, name: str) -> Tensor:

@@ -222,18 +222,20 @@ def merge_sliced(
     thresholds: ExpertCuts,
     summaries: TensorSummaries | None,
     kernels: Kernels = EAGER,
+    scratch: Callable[[object], Tensor] | None = None,
 ) -> Tensor:
     """A sliceable rule over slices [start, start + chunk) of the flattened tensor, into `out` (flat, at least the
     tensor's size: float32, or a sink's storage in its own dtype, each slice rounded to it once); returns `out`'s
     first entries as the tensor. `fetch(start, stop)` gives a slice's inputs as stored (the methods make float32
-    task vectors of them in their kernels: float32(θ_k) − float32(θ₀)).
+    task vectors of them in their kernels: float32(θ_k) − float32(θ₀)). `scratch(role)` gives a reusable flat float32
+    buffer of at least `chunk` elements (a resident set's workspace; None: the methods allocate per tensor).
 
     A method that declares `totals` first sums its partial sums over every slice (float64, in slice order),
     then merges each slice with them.
     """
     n = math.prod(shape)
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    fields = {"full_shape": tuple(shape), "summaries": summaries, "memo": {}, "kernels": kernels}
+    fields = {"full_shape": tuple(shape), "summaries": summaries, "memo": {}, "kernels": kernels, "scratch": scratch}
     totals = None
     if plan.spec.totals:
         for start, stop in bounds:

@@ -257,7 +257,8 @@ def test_sliced_rules_write_straight_into_the_live_model_as_the_disk_engine_roun
     assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
     assert {name: t.data_ptr() for name, t in state.items()} == storage  # in place: an evaluator's views stay valid
     # every rule here is sliceable: slices went into the model's bf16 storage, no float32 tensor-sized output was made
-    assert resident.workspace.nbytes < max(info.numel for info in modelset.reference.infos.values()) * 4
+    # (the workspace holds slice-sized buffers only: DELLA's widened ranks)
+    assert max(resident.workspace.sizes.values(), default=0) < max(info.numel for info in modelset.reference.infos.values())
     resident.close()
 
 

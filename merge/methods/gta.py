@@ -128,8 +128,9 @@ def expert_args(
         threshold = memoized(x, ("keep threshold", model, like.device), lambda: key_tensor(keep_threshold(density), like.device))
         return key, threshold, factor, density if divide and density > 0 else None
     n = row_length(x.shape)
-    # a CPU kernel's int32 copy of each slice's ranks, reused by the tensor's slices (the first is the largest)
-    buffer = memoized(x, ("ranks buffer", model), lambda: torch.empty(like.numel(), dtype=torch.int32) if like.device.type == "cpu" else None)
+    # a CPU kernel's int32 copy of each slice's ranks: the engine's buffer (reused, no page faults: widening ran 4×
+    # faster), else one per tensor reused by its slices (the first is the largest)
+    buffer = memoized(x, ("ranks buffer", model), lambda: ranks_buffer(x, model, like))
     if buffer is not None and x.memo.get(("ranks held", model)) == x.offset:  # widened by the totals pass: a one-slice tensor
         ranks = buffer[: like.numel()].view(like.shape)
     else:
@@ -138,6 +139,15 @@ def expert_args(
             x.memo[("ranks held", model)] = x.offset
     ramp = memoized(x, ("ramp", model, like.device), lambda: tuple(key_tensor(v, like.device) for v in della_ramp(n, density, epsilon)))
     return key, ranks, ramp, factor, divide
+
+
+def ranks_buffer(x: TensorInputs, model: int, like: Tensor) -> Tensor | None:
+    """Where a CPU kernel's int32 ranks of expert `model` go (`kernels.ranks_carrier`); None off the CPU."""
+    if like.device.type != "cpu":
+        return None
+    if x.scratch is not None:
+        return x.scratch(("ranks", model)).view(torch.int32)
+    return torch.empty(like.numel(), dtype=torch.int32)
 
 
 def l1_sums(x: TensorInputs, base: Tensor, given: list[Tensor], stored: bool, sparsify: str, experts: list[tuple], offset: Tensor, key: Tensor) -> Tensor:

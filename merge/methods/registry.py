@@ -156,6 +156,7 @@ class TensorInputs:
         memo: dict | None = None,  # facts derived once per tensor, shared by its slices
         kernels: Kernels = EAGER,  # how the sliceable methods' elementwise steps run (eager, or compiled)
         out: Tensor | None = None,  # a slice's destination (flat, any float dtype): a sliceable method's kernel writes there
+        scratch: Callable[[object], Tensor] | None = None,  # the engine's reusable flat float32 buffers by role, a slice each
     ) -> None:
         given = [g for g in (models_given, deltas_given, stored) if g is not None]
         if len(given) != 1:
@@ -171,7 +172,7 @@ class TensorInputs:
         self.offset, self.full_shape, self.summaries = offset, full_shape, summaries
         self.totals, self.totals_pass = totals, totals_pass
         self.memo = {} if memo is None else memo
-        self.kernels, self.out = kernels, out
+        self.kernels, self.out, self.scratch = kernels, out, scratch
         if len(self.weights) != self.num_models:
             raise ValueError(f"{len(self.weights)} weights for {self.num_models} models")
 
