@@ -211,7 +211,7 @@ def della_ramp(row_length: int, density: float, epsilon: float) -> tuple[int, in
 
 
 def della_probabilities(ranks: Tensor, row_length: int, density: float, epsilon: float) -> Tensor:
-    """DELLA's keep probabilities π_i = T_i/2^24 (float32, exact) of integer row `ranks` (`della_ramp`)."""
+    """DELLA's keep probabilities π_i = min(T_i, 2^24)/2^24 (float32, exact) of integer row `ranks` (`della_ramp`)."""
     return kernels.della_probabilities(kernels.della_thresholds(ranks, della_ramp(row_length, density, epsilon)))
 
 
