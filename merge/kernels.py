@@ -242,25 +242,32 @@ def exact_sqrt(v: Tensor) -> Tensor:
     return v.double().sqrt().float()
 
 
+def moment(v: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """A slice's second moment: dense, or rank-1 factors (`moments.Factors`: [rows, 1] and [1, cols]) multiplied here,
+    broadcast over the slice's [rows, cols] — in a compiled kernel as it reads them."""
+    return v if isinstance(v, Tensor) else v[0] * v[1]
+
+
 def ota_slice(
     base: Tensor,
     given: list[Tensor],
     stored: bool,
     curvatures: list[Tensor] | None,
-    moments: list[Tensor],
+    moments: list[Tensor | tuple[Tensor, Tensor]],
     bounds: list[tuple[float, float, Tensor | None] | None],
     weights: list[float],
     epsilon: float,
     out: Tensor | None = None,
 ) -> Tensor:
     """OTA on one slice (`into` `out`): θ₀ + Σ W_k τ_k / Σ W_k with W_k = (w_k·v_k^p + ε)·m_k; m_k keeps the FFG selection of
-    v·τ² given by `bounds` (low, high, tied; None: no mask). `curvatures` are the v_k^p for p ≠ ½, raised eagerly
-    (a compiled pow need not round as eager pow does); None for p = ½: `exact_sqrt` here, in the kernel. Where a
-    mask is active and every expert is masked out, θ₀."""
+    v·τ² given by `bounds` (low, high, tied; None: no mask). The v_k are dense or rank-1 factors (`moment`; the slice
+    then shaped [rows, cols]). `curvatures` are the v_k^p for p ≠ ½, raised eagerly (a compiled pow need not round as
+    eager pow does); None for p = ½: `exact_sqrt` here, in the kernel. Where a mask is active and every expert is
+    masked out, θ₀."""
     base, taus = task_vectors(base, given, stored)
     numerator = torch.zeros_like(base)
     total = torch.zeros_like(base)
-    for k, (tau, v, bound, w) in enumerate(zip(taus, moments, bounds, weights)):
+    for k, (tau, v, bound, w) in enumerate(zip(taus, map(moment, moments), bounds, weights)):
         weight = w * (exact_sqrt(v) if curvatures is None else curvatures[k]) + epsilon
         keep = None if bound is None else selected(tau, v, *bound)
         if keep is not None:

@@ -66,6 +66,31 @@ def rank1_reconstruct_slice(row_sums: Tensor, col_sums: Tensor, start: int, stop
     return out
 
 
+Factors = tuple[Tensor, Tensor]
+"""A rank-1 V̂ over whole rows, as a kernel reads it: the scaled row sums r/Σr of the rows ([rows, 1]) and the
+column sums ([1, cols]); entry (i, j) is their product (`kernels.moment`), the same product `rank1_reconstruct` makes."""
+
+
+def rank1_slice(row_sums: Tensor, col_sums: Tensor, start: int, stop: int, out: Tensor | None = None) -> Tensor | Factors:
+    """Entries [start, stop) of the flattened V̂ for a kernel: its `Factors` when the slice is whole rows — multiplied
+    as the kernel reads them, so no float32 slice of V̂ is written and read again (OTA's rank-1 expansion was ~15% of
+    its resident merge, and its moments 12 of the 22 bytes per entry its kernel moved, 3 experts) — else
+    `rank1_reconstruct_slice` into `out`."""
+    cols = col_sums.numel()
+    total = row_sums.sum()
+    if start % cols or (stop - start) % cols or total <= 0:
+        return rank1_reconstruct_slice(row_sums, col_sums, start, stop, out=out)
+    return (row_sums[start // cols : stop // cols] / total).unsqueeze(1), col_sums.unsqueeze(0)
+
+
+def moment_entries(v: Tensor | Factors, at: Tensor) -> Tensor:
+    """The flat entries `at` of a slice's moment, dense or `Factors` (their products, as the kernel makes them)."""
+    if isinstance(v, Tensor):
+        return v.reshape(-1)[at]
+    rows, cols = v
+    return rows.reshape(-1)[at // cols.numel()] * cols.reshape(-1)[at % cols.numel()]
+
+
 def is_compressed(metadata: dict[str, str] | None) -> bool:
     return (metadata or {}).get(FORMAT_KEY) == RANK1
 

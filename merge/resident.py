@@ -25,7 +25,7 @@ from torch import Tensor
 from mergetune.merge.kernels import kernels_for
 from mergetune.merge.methods.registry import StoredSlice
 from mergetune.merge.modelset import Checkpoint, ModelSet, rebuild_stat
-from mergetune.merge.moments import rank1_reconstruct_slice
+from mergetune.merge.moments import rank1_slice
 from mergetune.merge.placement import Key, Placement, ResidentInputs, Staged
 from mergetune.merge.recipe import Recipe
 from mergetune.merge.ruleplan import CHUNK_ELEMENTS, RulePlan, chunk_elements, complete_stats, merge_inputs, merge_sliced, tensor_schedule
@@ -264,9 +264,9 @@ class ResidentModelSet:
                     out = self.workspace.buffer((prefix + "stat", kind, k), roles[(prefix + "stat", kind, k)])[: stop - start]
                     if len(keys) == 1:
                         tensors.append(staged.fill(out, keys[0], start, stop))
-                    else:  # rank-1: two small vectors, expanded for this slice only
+                    else:  # rank-1: two small vectors, their factors for the slice (expanded in the kernel)
                         row, col = (staged.tensor(key).to(self.device, torch.float32) for key in keys)
-                        tensors.append(rank1_reconstruct_slice(row, col, start, stop, out=out))
+                        tensors.append(rank1_slice(row, col, start, stop, out=out))
                 sliced_stats[kind] = complete_stats(tensors)
             base = None if base_key is None else stored(prefix + "base", base_key, start, stop)
             models = [stored((prefix + "input", k), key, start, stop) for k, key in enumerate(expert_keys)]

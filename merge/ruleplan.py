@@ -29,7 +29,7 @@ from mergetune.merge.recipe import Recipe, Rule, layer_position
 # Slices of sliceable rules: cache-sized on a CPU for eager kernels (1 MB of float32: measured 2.4×
 # faster than 64 MB slices), larger for compiled ones, whose fused loops stream from memory anyway and
 # whose calls cost ~1 ms of Python each (4M entries, not 1M: resident re-merges of 102M params 10-15%
-# faster, OTA's moments expanded per slice as fast; benchmarks/merge_speed.py), few kernel launches on a GPU.
+# faster; benchmarks/merge_speed.py), few kernel launches on a GPU. A 2-D tensor's slices are whole rows.
 CHUNK_ELEMENTS = {"cpu": 1 << 18, "cpu.compiled": 1 << 22, "cuda": 1 << 24}
 
 
@@ -234,6 +234,8 @@ def merge_sliced(
     then merges each slice with them.
     """
     n = math.prod(shape)
+    if len(shape) == 2 and shape[1] <= chunk:
+        chunk -= chunk % shape[1]  # whole rows: rank-1 moments reach a kernel as their factors (`moments.rank1_slice`)
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
     fields = {"full_shape": tuple(shape), "summaries": summaries, "memo": {}, "kernels": kernels, "scratch": scratch}
     totals = None

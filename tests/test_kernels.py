@@ -17,6 +17,7 @@ from mergetune.merge.counter_rng import key_tensor
 from mergetune.merge.kernels import EAGER, Kernels, della_probabilities, della_thresholds, exact_sqrt, l1_norm, ranks_carrier
 from mergetune.merge.methods import TensorInputs, get_method
 from mergetune.merge.methods.registry import InputSummaries, StoredSlice
+from mergetune.merge.moments import moment_entries, rank1_reconstruct, rank1_slice
 from mergetune.merge.ruleplan import RulePlan, merge_sliced
 from mergetune.merge.sparsify import della_ramp
 
@@ -40,8 +41,9 @@ def whole(method, params, base, deltas, moments, kernels):
     return get_method(method)(x, **params)
 
 
-def sliced_bf16(method, params, base, deltas, moments, kernels, chunk=1000):
-    """The engines' path: slices of the models as stored (bf16), the task vectors made inside the kernels."""
+def sliced_bf16(method, params, base, deltas, moments, kernels, chunk=1000, sliced_moments=None):
+    """The engines' path: slices of the models as stored (bf16), the task vectors made inside the kernels;
+    `sliced_moments(start, stop)` gives OTA's moments of a slice (default: slices of `moments`)."""
     spec = get_method(method)
     plan = RulePlan(0, None, spec, ["0", "1", "2"], WEIGHTS, spec.bind(params, 3), ())
     flat_base = base.bfloat16().reshape(-1)
@@ -49,6 +51,8 @@ def sliced_bf16(method, params, base, deltas, moments, kernels, chunk=1000):
     thresholds = cuts_for(deltas, moments)
 
     def fetch(start, stop):
+        if sliced_moments is not None:
+            return StoredSlice(flat_base[start:stop], [t[start:stop] for t in flat]), {"moments": sliced_moments(start, stop)}
         stats = {"moments": [m.reshape(-1)[start:stop] for m in moments]} if method == "ota" else {}
         return StoredSlice(flat_base[start:stop], [t[start:stop] for t in flat]), stats
 
@@ -70,6 +74,42 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
                 stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
                 assert torch.equal(stored_eager.view(eager.shape), eager)
                 assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
+
+
+@pytest.mark.parametrize("params", [{"density": 0.5}, {"density": 0.5, "scope": "global"}, {"density": 1.0}, {"density": 0.7, "power": 0.3}])
+def test_ota_reads_rank1_moments_as_factors_and_gives_the_bytes_of_their_reconstruction(params):
+    """A resident merge hands OTA the rank-1 moments of a slice of whole rows as their factors (`moments.rank1_slice`),
+    multiplied inside the kernel: the same bytes as the reconstruction's (`rank1_reconstruct`), eager and compiled,
+    with one expert's moments dense beside them, the boundary entries patched or marked."""
+    shape = (64, 48)
+    base, deltas, _ = inputs_for(shape, True, seed=23)
+    gen = torch.Generator().manual_seed(3)
+    sums = [(torch.rand(shape[0], generator=gen) * 1e-9, torch.rand(shape[1], generator=gen) * 1e-9) for _ in range(2)]
+    dense = [rank1_reconstruct(r, c) for r, c in sums] + [torch.rand(shape, generator=gen) * 1e-12]
+    expected = sliced_bf16("ota", params, base, deltas, dense, EAGER)
+    seen = []
+
+    def factored(start, stop):
+        sliced = [rank1_slice(r, c, start, stop) for r, c in sums] + [dense[2].reshape(-1)[start:stop]]
+        seen.extend(type(v) for v in sliced[:2])
+        return sliced
+
+    for kernels in (EAGER, COMPILED):
+        for how in BOUNDARY:
+            with boundary_entries(how):
+                assert torch.equal(sliced_bf16("ota", params, base, deltas, dense, kernels, sliced_moments=factored), expected)
+    assert set(seen) == {tuple}  # 1000-entry chunks made whole rows (960 entries): every slice read factors
+
+
+def test_rank1_slices_are_factors_only_over_whole_rows():
+    row_sums, col_sums = torch.rand(5), torch.rand(4)
+    whole = rank1_reconstruct(row_sums, col_sums)
+    rows, cols = rank1_slice(row_sums, col_sums, 4, 12)
+    assert torch.equal(rows * cols, whole[1:3])
+    assert torch.equal(moment_entries((rows, cols), torch.tensor([0, 5, 7])), whole[1:3].reshape(-1)[[0, 5, 7]])
+    partial = rank1_slice(row_sums, col_sums, 2, 12)
+    assert isinstance(partial, torch.Tensor) and torch.equal(partial, whole.reshape(-1)[2:12])
+    assert torch.equal(rank1_slice(torch.zeros(5), col_sums, 0, 20), torch.zeros(20))
 
 
 @pytest.mark.parametrize("row", [2, 3, 2048, 1 << 15, 36_864, 1 << 20], ids=lambda n: f"rows of {n}")

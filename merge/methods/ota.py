@@ -20,9 +20,10 @@ from torch import Tensor
 
 from mergetune.core.errors import ConfigError
 from mergetune.merge.boundary import boundary, gathered, overwrite
-from mergetune.merge.kernels import EAGER
+from mergetune.merge.kernels import EAGER, moment
 from mergetune.merge.methods.gta import top_selection
 from mergetune.merge.methods.registry import PerModel, TensorInputs, per_model, register
+from mergetune.merge.moments import moment_entries
 from mergetune.merge.sparsify import SCOPES, check_choice
 
 
@@ -46,20 +47,28 @@ def ota(
     rho = per_model(density, x.num_models)
     stored = x.stored is not None
     base, given = (x.stored.base, x.stored.models) if stored else (x.base, x.deltas)
+    flat_shape, out, moments = given[0].shape, x.out, x.moments
+    factors = next((v for v in moments if not isinstance(v, Tensor)), None)
+    if factors is not None:  # rank-1 moments of whole rows (`moments.rank1_slice`): the slice as [rows, cols]
+        shape = (factors[0].shape[0], factors[1].shape[1])
+        base, given = base.view(shape), [g.view(shape) for g in given]
+        out = None if out is None else out.view(shape)
+        moments = [v.view(shape) if isinstance(v, Tensor) else v for v in moments]
     selections = [top_selection(x, "saliency", k, r, scope) if r < 1 else None for k, r in enumerate(rho)]
     edges = boundary(selections, x.numel, x.offset, given[0], x.kernels.mark_dtype(given[0].device))
 
     def bounds(marks: list[Tensor | None]) -> list[tuple | None]:
         return [None if s is None else (*s.bounds(), m) for s, m in zip(selections, marks)]
 
-    curvatures = None if power == 0.5 else [v.pow(power) for v in x.moments]  # √v: in the kernel (`kernels.ota_slice`)
+    curvatures = None if power == 0.5 else [moment(v).pow(power) for v in moments]  # √v: in the kernel (`kernels.ota_slice`)
     weights = [float(w) for w in x.weights]
-    merged = x.kernels.ota_slice(base, given, stored, curvatures, x.moments, bounds(edges.kernel_marks), weights, epsilon, x.out)
+    merged = x.kernels.ota_slice(base, given, stored, curvatures, moments, bounds(edges.kernel_marks), weights, epsilon, out)
+    merged = merged.view(flat_shape)
     if edges.at is None:
         return merged
     at = edges.at
     patch = EAGER.ota_slice(
         gathered(base, at), [gathered(g, at) for g in given], stored, None if curvatures is None else [gathered(c, at) for c in curvatures],
-        [gathered(v, at) for v in x.moments], bounds(edges.patch_marks), weights, epsilon,
+        [moment_entries(v, at) for v in moments], bounds(edges.patch_marks), weights, epsilon,
     )  # fmt: skip
     return overwrite(merged, at, patch)
