@@ -1,6 +1,7 @@
 """Compiled merge kernels per element: every step inlined (mergetune's options) vs Inductor's default realize limits.
 
-One slice of 4M entries (DELLA: rows of 2048, integer keep thresholds), base + 3 experts as bf16, written into a bf16 destination as a live model's
+One slice of 4M entries (DELLA: rows of 2048, integer keep thresholds; OTA: dense moments, or rank-1 ones
+as factors of rows of 2048), base + 3 experts as bf16, written into a bf16 destination as a live model's
 storage takes it (`kernels.into`), 1 thread. Inductor's CPU backend tiles a loop by the narrowest float
 type of *every* node in it: a step realized as its own node (a float-only body) makes it tile by
 float32's lanes, and on AVX2 a bf16 tile is then loaded and stored by halves through the stack.
@@ -57,6 +58,10 @@ def cases(k, base, given, out):
     della = [(key_tensor(7 + i), r, ramp, 1.7, False) for i, r in enumerate(ranks)]
     moments = [torch.rand(N) * 1e-12 for _ in given]
     bounds = [(1e-20, None, m) for m in marks]
+    rows = (N // 2048, 2048)  # rank-1 moments as a resident merge hands them over: factors of whole rows
+    factors = [(torch.rand(rows[0], 1) * 1e-6, torch.rand(1, rows[1]) * 1e-6) for _ in given]
+    as_rows = [t.view(rows) for t in (base, *given, out)]
+    row_bounds = [(low, high, m.view(rows)) for low, high, m in bounds]
     ones = [1.0] * len(given)
     return {
         "task_arithmetic": lambda: k.combined_slice(base, given, True, ones, False, False, None, 1.0, out),
@@ -65,6 +70,9 @@ def cases(k, base, given, out):
         "dare L1 sums": lambda: k.gta_l1_sums(base, given, True, "random", list(enumerate(dare)), offset, key),
         "della": lambda: k.gta_slice(base, given, True, "magprune", della, offset, key, ones, True, False, None, 1.0, out),
         "ota": lambda: k.ota_slice(base, given, True, None, moments, bounds, [0.7, 0.4, 0.9], 1e-30, out),
+        "ota, rank-1 moments": lambda: k.ota_slice(
+            as_rows[0], as_rows[1:-1], True, None, factors, row_bounds, [0.7, 0.4, 0.9], 1e-30, as_rows[-1]
+        ),
     }
 
 
