@@ -274,6 +274,7 @@ class ResidentModelSet:
 
         summaries = self.summaries.for_tensor(name, plan.experts) if plan.uses_deltas(ms.base is not None) else None
         out = placed if placed is not None else self.workspace.buffer("out", self._largest)
+
         def scratch(role: object) -> Tensor:
             return self.workspace.buffer(("scratch", role), chunk)
 

@@ -41,13 +41,13 @@ def whole(method, params, base, deltas, moments, kernels):
     return get_method(method)(x, **params)
 
 
-def sliced_bf16(method, params, base, deltas, moments, kernels, chunk=1000, sliced_moments=None):
-    """The engines' path: slices of the models as stored (bf16), the task vectors made inside the kernels;
+def sliced_stored(method, params, base, deltas, moments, kernels, chunk=1000, sliced_moments=None, dtype=torch.bfloat16):
+    """The engines' path: slices of the models as stored (`dtype`), the task vectors made inside the kernels;
     `sliced_moments(start, stop)` gives OTA's moments of a slice (default: slices of `moments`)."""
     spec = get_method(method)
     plan = RulePlan(0, None, spec, ["0", "1", "2"], WEIGHTS, spec.bind(params, 3), ())
-    flat_base = base.bfloat16().reshape(-1)
-    flat = [m.bfloat16().reshape(-1) for m in stored_models(base, deltas)]
+    flat_base = base.to(dtype).reshape(-1)
+    flat = [m.to(dtype).reshape(-1) for m in stored_models(base, deltas)]
     thresholds = cuts_for(deltas, moments)
 
     def fetch(start, stop):
@@ -71,22 +71,24 @@ def test_compiled_kernels_give_the_eager_bytes(case, bf16):
         with boundary_entries(how):
             assert torch.equal(whole(case, CASES[case], base, deltas, moments, COMPILED), eager)
             if bf16:
-                stored_eager = sliced_bf16(case, CASES[case], base, deltas, moments, EAGER)
+                stored_eager = sliced_stored(case, CASES[case], base, deltas, moments, EAGER)
                 assert torch.equal(stored_eager.view(eager.shape), eager)
-                assert torch.equal(sliced_bf16(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
+                assert torch.equal(sliced_stored(case, CASES[case], base, deltas, moments, COMPILED), stored_eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("params", [{"density": 0.5}, {"density": 0.5, "scope": "global"}, {"density": 1.0}, {"density": 0.7, "power": 0.3}])
-def test_ota_reads_rank1_moments_as_factors_and_gives_the_bytes_of_their_reconstruction(params):
+def test_ota_reads_rank1_moments_as_factors_and_gives_the_bytes_of_their_reconstruction(params, dtype):
     """A resident merge hands OTA the rank-1 moments of a slice of whole rows as their factors (`moments.rank1_slice`),
     multiplied inside the kernel: the same bytes as the reconstruction's (`rank1_reconstruct`), eager and compiled,
     with one expert's moments dense beside them, the boundary entries patched or marked."""
     shape = (64, 48)
-    base, deltas, _ = inputs_for(shape, True, seed=23)
+    base, deltas, _ = inputs_for(shape, dtype == torch.bfloat16, seed=23)
     gen = torch.Generator().manual_seed(3)
     sums = [(torch.rand(shape[0], generator=gen) * 1e-9, torch.rand(shape[1], generator=gen) * 1e-9) for _ in range(2)]
     dense = [rank1_reconstruct(r, c) for r, c in sums] + [torch.rand(shape, generator=gen) * 1e-12]
-    expected = sliced_bf16("ota", params, base, deltas, dense, EAGER)
+    expected = sliced_stored("ota", params, base, deltas, dense, EAGER, dtype=dtype)
+    assert not torch.equal(expected.view(shape), base)  # the merge did something
     seen = []
 
     def factored(start, stop):
@@ -97,7 +99,7 @@ def test_ota_reads_rank1_moments_as_factors_and_gives_the_bytes_of_their_reconst
     for kernels in (EAGER, COMPILED):
         for how in BOUNDARY:
             with boundary_entries(how):
-                assert torch.equal(sliced_bf16("ota", params, base, deltas, dense, kernels, sliced_moments=factored), expected)
+                assert torch.equal(sliced_stored("ota", params, base, deltas, dense, kernels, sliced_moments=factored, dtype=dtype), expected)
     assert set(seen) == {tuple}  # 1000-entry chunks made whole rows (960 entries): every slice read factors
 
 
